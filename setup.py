@@ -35,6 +35,7 @@ setup(
     entry_points={
         "console_scripts": [
             "im2rec-tools=im2rec_tools.__main__:main",
+            "train-xception=xception_mx.cli:train_main",
         ],
     },
 )

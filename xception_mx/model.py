@@ -1,0 +1,239 @@
+"""Xception (Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017) as a Gluon HybridBlock.
+
+The network reads top to bottom like the paper's Figure 5: entry flow (stem + blocks 1-3), middle flow (blocks 4-11,
+the same block eight times), exit flow (block 12, two separable convs, global average pooling, classifier).
+
+Widths come from a 7-entry ``filter_list``:
+``[stem, block1, block2, block3 (= middle flow), block12, exit conv3, exit conv4]``; the stem's first conv has
+``filter_list[0] // 2`` channels.
+
+Child names follow timm's ``legacy_xception`` state dict one to one (``conv1``, ``bn1``, ``conv2``, ``bn2``,
+``block1``..``block12`` with ``skip``/``skipbn``/``rep``, ``conv3``, ``bn3``, ``conv4``, ``bn4``, ``fc``), with the
+feature extractor under ``features.``; importing timm weights is a rename (BN weight/bias -> gamma/beta) and no more.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import mxnet as mx
+from mxnet.gluon import nn
+
+__all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "MODEL_CONFIGS", "get_model",
+           "list_models", "MIN_INPUT_SIZE", "count_parameters"]
+
+#: Keras documents 71 px as Xception's smallest input.
+MIN_INPUT_SIZE = 71
+
+#: Registered variants: name -> constructor keyword arguments.
+MODEL_CONFIGS: dict[str, dict] = {
+    # The paper's network: 22,855,952 trainable parameters with 1,000 classes.
+    "xception": {"filter_list": (64, 128, 256, 728, 1024, 1536, 2048)},
+    # Half width from block 2 on (the MXNet example's default): 6,311,180 trainable parameters with 1,000 classes.
+    "xception_slim": {"filter_list": (64, 64, 128, 364, 512, 768, 1024)},
+}
+
+# He-normal on fan-out for convolutions, as timm's legacy_xception initialises them.
+_CONV_INIT = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+# Glorot-uniform for the classifier, as Keras initialises Dense kernels.
+_DENSE_INIT = mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
+
+
+def _check_filter_list(filter_list: Sequence[int]) -> tuple[int, ...]:
+    values = tuple(filter_list)
+    if len(values) != 7 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"filter_list must be 7 positive integers, got {list(values)!r}")
+    if values[0] < 2:
+        raise ValueError(f"filter_list[0] must be at least 2 (the stem's first conv has filter_list[0] // 2 "
+                         f"channels), got {values[0]}")
+    return values
+
+
+def _batch_norm(channels: int, epsilon: float, momentum: float) -> nn.BatchNorm:
+    return nn.BatchNorm(in_channels=channels, epsilon=epsilon, momentum=momentum)
+
+
+def _conv(in_channels: int, channels: int, kernel: int, stride: int = 1, padding: int = 0,
+          groups: int = 1) -> nn.Conv2D:
+    return nn.Conv2D(channels, kernel, strides=stride, padding=padding, groups=groups, use_bias=False,
+                     in_channels=in_channels, weight_initializer=_CONV_INIT)
+
+
+class SeparableConv2D(nn.HybridBlock):
+    """Depthwise 3x3 conv (one filter per channel) then pointwise 1x1 conv; no bias, nothing in between.
+
+    Children ``conv1`` (depthwise) and ``pointwise`` match timm's ``SeparableConv2d``.
+    """
+
+    def __init__(self, in_channels: int, channels: int, **kwargs):
+        super().__init__(**kwargs)
+        with self.name_scope():
+            self.conv1 = _conv(in_channels, in_channels, 3, padding=1, groups=in_channels)
+            self.pointwise = _conv(in_channels, channels, 1)
+
+    def hybrid_forward(self, F, x):
+        return self.pointwise(self.conv1(x))
+
+
+class XceptionBlock(nn.HybridBlock):
+    """A residual block: ``reps`` x (ReLU, separable conv, BN), then a 3x3 stride-2 max pool when strided.
+
+    The shortcut is a 1x1 conv + BN when the width or resolution changes, the identity otherwise.
+    ``grow_first`` widens at the first separable conv (entry and middle flow) or the last (block 12).
+    ``start_with_relu=False`` drops the leading ReLU (block 1 follows the stem's ReLU).
+    ``rep`` holds ReLU, separable conv, BN and pool in timm's order, so ``rep.<i>`` indices match timm's.
+    """
+
+    def __init__(self, in_channels: int, channels: int, reps: int, stride: int = 1, start_with_relu: bool = True,
+                 grow_first: bool = True, bn_epsilon: float = 1e-3, bn_momentum: float = 0.99,
+                 pool_padding: str = "symmetric", **kwargs):
+        super().__init__(**kwargs)
+        self._stride = stride
+        self._pool_padding = pool_padding
+        with self.name_scope():
+            if channels != in_channels or stride != 1:
+                self.skip = _conv(in_channels, channels, 1, stride=stride)
+                self.skipbn = _batch_norm(channels, bn_epsilon, bn_momentum)
+            else:
+                self.skip = None
+                self.skipbn = None
+            self.rep = nn.HybridSequential(prefix="rep_")
+            with self.rep.name_scope():
+                for i in range(reps):
+                    if grow_first:
+                        rep_in, rep_out = (in_channels if i == 0 else channels), channels
+                    else:
+                        rep_in, rep_out = in_channels, (in_channels if i < reps - 1 else channels)
+                    if i > 0 or start_with_relu:
+                        self.rep.add(nn.Activation("relu"))
+                    self.rep.add(SeparableConv2D(rep_in, rep_out))
+                    self.rep.add(_batch_norm(rep_out, bn_epsilon, bn_momentum))
+                if stride != 1:
+                    self.rep.add(_max_pool(stride, pool_padding))
+
+    def hybrid_forward(self, F, x):
+        residual = self.skipbn(self.skip(x)) if self.skip is not None else x
+        return self.rep(x) + residual
+
+
+def _max_pool(stride: int, pool_padding: str) -> nn.HybridBlock:
+    if pool_padding == "symmetric":
+        # The paper's 3x3 stride-2 pool with padding 1 on every side (timm, the MXNet seed).
+        return nn.MaxPool2D(pool_size=3, strides=stride, padding=1)
+    raise ValueError(f"pool_padding must be 'symmetric', got {pool_padding!r}")
+
+
+class XceptionFeatures(nn.HybridBlock):
+    """Stem, entry flow, middle flow and exit flow up to global average pooling: (N, 3, H, W) -> (N, filter_list[6])."""
+
+    def __init__(self, filter_list: Sequence[int], in_channels: int = 3, bn_epsilon: float = 1e-3,
+                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
+        super().__init__(**kwargs)
+        f = _check_filter_list(filter_list)
+        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, pool_padding=pool_padding)
+        with self.name_scope():
+            # Entry flow: the stem (3x3 convs, no padding, stride 2 then 1, each with BN and ReLU).
+            self.conv1 = _conv(in_channels, f[0] // 2, 3, stride=2)
+            self.bn1 = _batch_norm(f[0] // 2, bn_epsilon, bn_momentum)
+            self.conv2 = _conv(f[0] // 2, f[0], 3)
+            self.bn2 = _batch_norm(f[0], bn_epsilon, bn_momentum)
+            # Entry flow: three strided residual blocks (the first starts without ReLU).
+            self.block1 = XceptionBlock(f[0], f[1], 2, 2, start_with_relu=False, **bn)
+            self.block2 = XceptionBlock(f[1], f[2], 2, 2, **bn)
+            self.block3 = XceptionBlock(f[2], f[3], 2, 2, **bn)
+            # Middle flow: eight identical blocks of three separable convs.
+            self.block4 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block5 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block6 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block7 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block8 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block9 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block10 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            self.block11 = XceptionBlock(f[3], f[3], 3, 1, **bn)
+            # Exit flow: a strided block that widens last, then two separable convs, each with BN and ReLU.
+            self.block12 = XceptionBlock(f[3], f[4], 2, 2, grow_first=False, **bn)
+            self.conv3 = SeparableConv2D(f[4], f[5])
+            self.bn3 = _batch_norm(f[5], bn_epsilon, bn_momentum)
+            self.conv4 = SeparableConv2D(f[5], f[6])
+            self.bn4 = _batch_norm(f[6], bn_epsilon, bn_momentum)
+            self.pool = nn.GlobalAvgPool2D()
+            self.flatten = nn.Flatten()
+
+    def hybrid_forward(self, F, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        for i in range(1, 13):
+            x = getattr(self, f"block{i}")(x)
+        x = F.relu(self.bn3(self.conv3(x)))
+        x = F.relu(self.bn4(self.conv4(x)))
+        return self.flatten(self.pool(x))
+
+
+class Xception(nn.HybridBlock):
+    """Xception classifier: ``features`` (to the pooled ``filter_list[6]``-vector), dropout, ``fc`` (the output part).
+
+    To fine-tune on other classes, keep ``features`` and replace the output part: ``net.reset_classifier(k)``.
+    Inputs must be at least 71x71 (:data:`MIN_INPUT_SIZE`).
+    """
+
+    def __init__(self, filter_list: Sequence[int] = MODEL_CONFIGS["xception"]["filter_list"],
+                 num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3, bn_epsilon: float = 1e-3,
+                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
+        super().__init__(**kwargs)
+        self.filter_list = _check_filter_list(filter_list)
+        if not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.num_classes = num_classes
+        with self.name_scope():
+            self.features = XceptionFeatures(self.filter_list, in_channels, bn_epsilon, bn_momentum, pool_padding)
+            self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+            self.fc = self._make_classifier(num_classes)
+
+    def _make_classifier(self, num_classes: int) -> nn.Dense:
+        return nn.Dense(num_classes, in_units=self.filter_list[6], weight_initializer=_DENSE_INIT)
+
+    def reset_classifier(self, num_classes: int, ctx=None) -> None:
+        """Replace the output part with a freshly initialised ``num_classes``-way classifier."""
+        self.num_classes = num_classes
+        with self.name_scope():
+            self.fc = self._make_classifier(num_classes)
+        self.fc.initialize(ctx=ctx)
+
+    def forward(self, x, *args):
+        # Checked here, not in hybrid_forward, because symbols carry no shapes.
+        if isinstance(x, mx.nd.NDArray) and min(x.shape[2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"Xception needs inputs of at least {MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels, "
+                             f"got {x.shape[2]}x{x.shape[3]}")
+        return super().forward(x, *args)
+
+    def hybrid_forward(self, F, x):
+        x = self.features(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
+        return self.fc(x)
+
+
+def list_models() -> list[str]:
+    """Names accepted by :func:`get_model`."""
+    return sorted(MODEL_CONFIGS)
+
+
+def get_model(name: str, **overrides) -> Xception:
+    """Build a registered variant; keyword arguments override its config (e.g. ``num_classes=10``)."""
+    if name not in MODEL_CONFIGS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
+    return Xception(**{**MODEL_CONFIGS[name], **overrides})
+
+
+def count_parameters(net: nn.Block) -> tuple[int, int]:
+    """(trainable, total) parameter counts; total includes BN running statistics."""
+    trainable = total = 0
+    for param in net.collect_params().values():
+        size = 1
+        for dim in param.shape:
+            size *= dim
+        total += size
+        if param.grad_req != "null":
+            trainable += size
+    return trainable, total
