@@ -8,6 +8,7 @@ CORE = [
     # headless: training servers have no display libraries; 4.8 is the last line built against numpy<1.24.
     "opencv-python-headless>=4.5,<4.9",
     "pyyaml>=5.4",
+    "pillow>=9",  # im2rec_tools verify reads image headers with it
     "tqdm>=4.60",
     "matplotlib>=3.5,<3.11",
 ]
@@ -36,6 +37,7 @@ setup(
         "console_scripts": [
             "im2rec-tools=im2rec_tools.__main__:main",
             "train-xception=xception_mx.cli:train_main",
+            "xception-score=xception_mx.cli:score_main",
         ],
     },
 )

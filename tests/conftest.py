@@ -15,3 +15,39 @@ TINY_FILTERS = (8, 8, 16, 16, 24, 24, 32)
 @pytest.fixture
 def tiny_filters():
     return TINY_FILTERS
+
+
+def write_colour_shards(folder, prefix, counts_per_shard, num_classes=4, size=80, seed=0):
+    """Tiny learnable shards: class k is a noisy image of colour k. Returns the labels written, in order."""
+    import cv2
+    import mxnet as mx
+    import numpy as np
+
+    colours = [(220, 40, 40), (40, 200, 40), (40, 40, 220), (220, 220, 220), (200, 200, 30), (30, 200, 200)]
+    rng = np.random.RandomState(seed)
+    labels = []
+    n = sum(counts_per_shard)
+    index = 0
+    for shard, count in enumerate(counts_per_shard):
+        base = os.path.join(str(folder), f"{prefix}-{shard:05d}-of-{len(counts_per_shard):05d}")
+        writer = mx.recordio.MXIndexedRecordIO(base + ".idx", base + ".rec", "w")
+        for _ in range(count):
+            label = index % num_classes
+            img = np.clip(np.array(colours[label], np.float32) + rng.normal(0, 25, (size, size, 3)), 0, 255)
+            header = mx.recordio.IRHeader(0, float(label), index, 0)
+            writer.write_idx(index, mx.recordio.pack_img(header, img.astype(np.uint8)[:, :, ::-1], quality=95,
+                                                         img_fmt=".jpg"))
+            labels.append(label)
+            index += 1
+        writer.close()
+    assert index == n
+    return labels
+
+
+@pytest.fixture(scope="session")
+def colour_shards(tmp_path_factory):
+    """Two training shards (64 images) and one validation shard (22 images: not a multiple of the batch)."""
+    folder = tmp_path_factory.mktemp("colour_shards")
+    write_colour_shards(folder, "train", [32, 32], seed=1)
+    write_colour_shards(folder, "val", [22], seed=2)
+    return folder

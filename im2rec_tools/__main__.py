@@ -1,0 +1,189 @@
+"""Command line: ``im2rec-tools`` (or ``python -m im2rec_tools``) ``make-list | pack | verify | demo-digits``.
+
+Exit codes: 0 success; 1 ``verify`` found damaged or missing shards; 2 bad input (one ``error:`` line on stderr,
+nothing half-written); 130 interrupted (rerun the same command to finish).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Sequence
+
+from .errors import ToolError
+
+PROG = "im2rec-tools"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises ToolError (one line) instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise ToolError(f"{message} (see `{self.prog} --help`)")
+
+
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+    return parse
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 1)")
+    return value
+
+
+def _quality(text: str) -> int:
+    value = _int_at_least(1)(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"{value} is above 100")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Build, check and demo the RecordIO image shards xception_mx trains on.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = commands.add_parser("make-list", help="write train/val .lst image lists and the class table",
+                            description="Walk IMAGE_ROOT (one sub-folder per class; .jpg/.jpeg/.png/.bmp at any depth) "
+                                        "or a flat folder with --labels, and write OUT_PREFIX_train.lst, "
+                                        "OUT_PREFIX_val.lst (stratified split; --val-ratio 0 writes OUT_PREFIX.lst) "
+                                        "and OUT_PREFIX_classes.txt.")
+    p.add_argument("image_root", metavar="IMAGE_ROOT")
+    p.add_argument("out_prefix", metavar="OUT_PREFIX")
+    p.add_argument("--val-ratio", type=_ratio, default=0.1, help="share of each class held out for val (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the split and of the train order (default 0)")
+    p.add_argument("--labels", metavar="FILE.csv", help="flat folder: 'relative_path,class_name' rows")
+    p.add_argument("--classes", metavar="CLASSES.txt",
+                   help="reuse this class table (e.g. train's) so labels match; default: the sorted class names found")
+
+    p = commands.add_parser("pack", help="pack an image list into RecordIO shards",
+                            description="Pack LST into OUT_PREFIX-0000i-of-0000N.rec/.idx: 3-channel JPEGs, "
+                                        "unreadable files skipped and listed in OUT_PREFIX-skipped.txt. "
+                                        "Complete shards from an earlier run are left alone.")
+    p.add_argument("lst", metavar="LST")
+    p.add_argument("out_prefix", metavar="OUT_PREFIX")
+    p.add_argument("--image-root", required=True, metavar="ROOT", help="folder the list's paths are relative to")
+    p.add_argument("--shards", type=_int_at_least(1), default=1, help="number of shards (default 1)")
+    p.add_argument("--resize", type=_int_at_least(0), default=0, metavar="SHORTER_SIDE",
+                   help="shrink so the shorter side is this many pixels; never upscales (default 0: keep size)")
+    p.add_argument("--quality", type=_quality, default=95, help="JPEG quality 1-100 (default 95)")
+    p.add_argument("--workers", type=_int_at_least(1), default=min(4, os.cpu_count() or 1),
+                   help="encoding processes (default: min(4, CPUs))")
+    p.add_argument("--overwrite", action="store_true", help="rebuild complete shards too")
+
+    p = commands.add_parser("verify", help="check shards record by record",
+                            description="Check every shard matched by PREFIX_OR_GLOB (a prefix, a glob, a .rec, or "
+                                        "';'-separated list): .idx and .rec agree, every record reads, labels and "
+                                        "image headers are valid. Exit 0 if all is well, 1 otherwise.")
+    p.add_argument("spec", metavar="PREFIX_OR_GLOB")
+    p.add_argument("--decode", action="store_true", help="decode every image too (slower)")
+    p.add_argument("--workers", type=_int_at_least(1), default=1, help="shards checked in parallel (default 1)")
+
+    p = commands.add_parser("demo-digits", help="scikit-learn's handwritten digits as train/val shards",
+                            description="Write scikit-learn's 1,797 bundled 8x8 digit scans as JPEGs under "
+                                        "OUT_DIR/images and pack them into OUT_DIR/train-*.rec, OUT_DIR/val-*.rec "
+                                        "(20%% seeded val split) with OUT_DIR/classes.txt.")
+    p.add_argument("out_dir", metavar="OUT_DIR")
+    p.add_argument("--size", type=_int_at_least(8), default=80, help="image side in pixels (default 80)")
+    p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9",
+                   help="digits to keep, labelled 0..K-1 in this order (default 0,...,9)")
+    p.add_argument("--shards", type=_int_at_least(1), default=2, help="shards per split (default 2)")
+    return parser
+
+
+def _run_make_list(args) -> int:
+    from .listing import make_lists
+
+    written, notes = make_lists(args.image_root, args.out_prefix, args.val_ratio, args.seed, args.labels,
+                                args.classes)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for path, rows in written.items():
+        kind = "classes" if path.endswith(".txt") else "images"
+        print(f"wrote {path}: {len(rows)} {kind}")
+    return 0
+
+
+def _run_pack(args) -> int:
+    from .packing import pack
+
+    result = pack(args.lst, args.out_prefix, args.image_root, args.shards, args.resize, args.quality, args.workers,
+                  args.overwrite)
+    left_alone = [s for s in result.shards if not s.built]
+    for shard in result.shards if len(result.shards) <= 16 else left_alone[:16]:
+        state = "built" if shard.built else "already complete, left alone"
+        print(f"{shard.rec_path}: {shard.records} records ({state})")
+    if len(result.shards) > 16 and len(left_alone) > 16:
+        print(f"... and {len(left_alone) - 16} more shards left alone")
+    built = len(result.shards) - len(left_alone)
+    print(f"pack: {sum(s.records for s in result.shards)} records in {len(result.shards)} shards "
+          f"({built} built, {len(result.shards) - built} left alone)")
+    skipped = result.skipped
+    if skipped:
+        print(f"pack: skipped {len(skipped)} unreadable files, listed with reasons in {result.skipped_file}")
+    else:
+        print("pack: skipped 0 files")
+    return 0
+
+
+def _run_verify(args) -> int:
+    from .shards import ShardError
+    from .verify import format_report, verify
+
+    try:
+        reports, problems = verify(args.spec, args.decode, args.workers)
+    except ShardError as e:
+        raise ToolError(str(e)) from None
+    text, ok = format_report(reports, problems, args.decode)
+    print(text)
+    return 0 if ok else 1
+
+
+def _run_demo_digits(args) -> int:
+    from .digits import describe, make_demo_digits, parse_digits
+
+    digits = parse_digits(args.digits)
+    result = make_demo_digits(args.out_dir, args.size, digits, args.shards)
+    print(describe(result, digits, args.size))
+    return 0
+
+
+_COMMANDS = {"make-list": _run_make_list, "pack": _run_pack, "verify": _run_verify, "demo-digits": _run_demo_digits}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit code (bad input: one line on stderr, code 2)."""
+    command = "?"
+    try:
+        args = build_parser().parse_args(argv)
+        command = args.command
+        if command is None:
+            raise ToolError(f"choose a command: {', '.join(_COMMANDS)} (see `{PROG} --help`)")
+        return _COMMANDS[command](args)
+    except ToolError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        where = f" {e.filename}" if e.filename else ""
+        print(f"{PROG} {command}: error:{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {command}: interrupted; complete outputs are kept, rerun the same command to finish",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""Shard names, shard lookup and ``.idx`` index files: the on-disk contract shared by ``pack``, ``verify`` and
+``xception_mx.data``.
+
+A shard set is ``PREFIX-00000-of-00004.rec`` .. ``PREFIX-00003-of-00004.rec``, each with its ``.idx`` beside it (the
+``.idx`` is written last and marks the shard complete). A lone ``PREFIX.rec`` (what MXNet's im2rec writes) also works.
+"""
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+from .recordfile import RecordError, read_record
+
+SHARD_PATTERN = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.rec$")
+
+
+class ShardError(ValueError):
+    """A shard spec that matches nothing, or a shard or index that cannot be used; the message says which file."""
+
+
+def shard_path(prefix: str, index: int, count: int, ext: str = "rec") -> str:
+    """``PREFIX-00001-of-00004.rec`` for shard 1 of 4."""
+    return f"{prefix}-{index:05d}-of-{count:05d}.{ext}"
+
+
+def idx_path_for(rec_path: str) -> str:
+    """The index file that belongs to a ``.rec`` file."""
+    return rec_path[:-len(".rec")] + ".idx" if rec_path.endswith(".rec") else rec_path + ".idx"
+
+
+@dataclass
+class ShardLookup:
+    """The ``.rec`` files a spec names (absolute, sorted) and every problem found with them (one line each)."""
+    rec_paths: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def _missing_siblings(matched: list[str], wanted) -> list[str]:
+    """Problems for shard sets with holes (a shard absent) or mixed shard counts among ``matched`` paths."""
+    groups: dict[str, dict[int, set[int]]] = {}
+    for path in matched:
+        m = SHARD_PATTERN.match(path)
+        if m:
+            groups.setdefault(m["base"], {}).setdefault(int(m["count"]), set()).add(int(m["index"]))
+    problems = []
+    for base, by_count in sorted(groups.items()):
+        if len(by_count) > 1:
+            counts = " and ".join(f"-of-{c:05d}" for c in sorted(by_count))
+            problems.append(f"{base}: shards from two different packs ({counts}); delete the stale set")
+            continue
+        (count, present), = by_count.items()
+        for i in sorted(present):
+            if i >= count:
+                problems.append(f"{shard_path(base, i, count)}: shard number {i} is not below its count {count}")
+        for i in range(count):
+            candidate = shard_path(base, i, count)
+            if i not in present and wanted(candidate):
+                problems.append(f"{candidate} is missing: rerun `im2rec-tools pack` to build the missing shards")
+    return problems
+
+
+def _resolve_one(part: str) -> tuple[list[str], list[str]]:
+    if glob.has_magic(part):
+        matched = sorted(p for p in glob.glob(part) if p.endswith(".rec") and os.path.isfile(p))
+        if not matched:
+            raise ShardError(f"no .rec files match {part!r}")
+        return matched, _missing_siblings(matched, lambda c: fnmatch.fnmatchcase(c, part))
+    if part.endswith(".rec"):
+        if not os.path.isfile(part):
+            raise ShardError(f"shard file {part} does not exist")
+        return [part], []
+    if os.path.isdir(part):
+        raise ShardError(f"{part} is a folder: give a shard prefix such as {os.path.join(part, 'train')}")
+    folder = os.path.dirname(part) or "."
+    if not os.path.isdir(folder):
+        raise ShardError(f"folder {folder} does not exist (shard prefix {part!r})")
+    own = re.compile(re.escape(os.path.basename(part)) + r"-\d{5}-of-\d{5}\.rec$")
+    matched = sorted(os.path.join(os.path.dirname(part), name) for name in os.listdir(folder) if own.match(name))
+    if matched:
+        return matched, _missing_siblings(matched, lambda c: True)
+    if os.path.isfile(part + ".rec"):
+        return [part + ".rec"], []
+    raise ShardError(f"no shards for prefix {part!r}: looked for {part}-NNNNN-of-NNNNN.rec and {part}.rec")
+
+
+def lookup_shards(spec: str) -> ShardLookup:
+    """Resolve a shard spec: a prefix, a glob, a ``.rec`` path, or a ``;``-separated list of those.
+
+    Raises ShardError when a part matches nothing; holes in a numbered set, mixed sets and ``.rec`` files without
+    their ``.idx`` come back as ``problems`` so that ``verify`` can list them all.
+    """
+    parts = [p.strip() for p in str(spec).split(";") if p.strip()]
+    if not parts:
+        raise ShardError("empty shard spec: give a shard prefix such as data/train, a glob or a .rec path")
+    found: list[str] = []
+    problems: list[str] = []
+    for part in parts:
+        matched, part_problems = _resolve_one(os.path.expanduser(part))
+        found.extend(matched)
+        problems.extend(p for p in part_problems if p not in problems)
+    rec_paths = sorted({os.path.abspath(p) for p in found})
+    for rec in rec_paths:
+        if ";" in rec:
+            problems.append(f"{rec}: MXNet cannot read a path containing ';' (it separates shard paths); rename it")
+        if not os.path.isfile(idx_path_for(rec)):
+            problems.append(f"{rec} has no index {os.path.basename(idx_path_for(rec))}: rerun `im2rec-tools pack` "
+                            f"(it rebuilds only incomplete shards)")
+    return ShardLookup(rec_paths, problems)
+
+
+# ----------------------------------------------------------------------------------------------------------- indexes
+
+_INDEX_CACHE: dict[tuple, list[int]] = {}
+
+
+def _stat_key(*paths: str) -> tuple:
+    return tuple((p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths)
+
+
+def read_offsets(rec_path: str) -> list[int]:
+    """Record offsets listed in ``rec_path``'s ``.idx``, ascending; ShardError if the index is unusable.
+
+    Checks what is cheap at every start: well-formed lines, no duplicate offsets, the first record at byte 0 and the
+    last record ending exactly at the end of the ``.rec`` (so a truncated or half-copied shard is refused).
+    ``im2rec-tools verify`` checks every record.
+    """
+    idx_path = idx_path_for(rec_path)
+    try:
+        key = _stat_key(rec_path, idx_path)
+    except FileNotFoundError as e:
+        raise ShardError(f"{e.filename} does not exist") from None
+    if key in _INDEX_CACHE:
+        return _INDEX_CACHE[key]
+    offsets = []
+    with open(idx_path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            try:
+                if len(fields) != 2:
+                    raise ValueError
+                offsets.append(int(fields[1]))
+            except ValueError:
+                raise ShardError(f"{idx_path} line {line_no} is not 'key<TAB>offset': {line.strip()[:60]!r}") from None
+    offsets.sort()
+    rec_size = key[0][1]
+    if offsets:
+        if len(set(offsets)) != len(offsets):
+            raise ShardError(f"{idx_path} lists the same record offset twice: run `im2rec-tools verify` on it")
+        if offsets[0] != 0:
+            raise ShardError(f"{idx_path} does not start at byte 0 of {os.path.basename(rec_path)}: "
+                             f"run `im2rec-tools verify` on it")
+        try:
+            with open(rec_path, "rb") as f:
+                _, end = read_record(f, offsets[-1], rec_size)
+        except RecordError as e:
+            raise ShardError(f"{rec_path}: last indexed record is damaged ({e}); rebuild this shard") from None
+        if end != rec_size:
+            raise ShardError(f"{rec_path} has {rec_size - end} bytes after its last indexed record: the .idx does "
+                             f"not match the .rec; rebuild this shard")
+    elif rec_size:
+        raise ShardError(f"{idx_path} is empty but {os.path.basename(rec_path)} is not: rebuild this shard")
+    _INDEX_CACHE[key] = offsets
+    return offsets
+
+
+def merged_index(rec_paths: list[str], cache_dir: str | None = None) -> tuple[list[str], str]:
+    """One ``.idx`` covering several shards, for MXNet's ImageRecordIter.
+
+    ImageRecordIter reads ``path_imgrec`` as the concatenation of ``;``-separated files but refuses more than one
+    ``path_imgidx`` ("IndexedRecordIOSplitter does not support multiple index files", dmlc-core). Its index holds byte
+    offsets into that concatenation, so one index with each shard's offsets shifted by the sizes of the shards before
+    it serves them all. Returns the non-empty shards (dmlc-core refuses a zero-byte ``.rec`` on its own) and the
+    merged index path, written once per shard set into ``cache_dir`` (default: a per-user folder in the temp dir).
+    """
+    used, lines, base = [], [], 0
+    for rec in rec_paths:
+        offsets = read_offsets(rec)
+        if not offsets:
+            continue
+        used.append(os.path.abspath(rec))
+        start = len(lines)
+        lines.extend(f"{start + i}\t{base + off}\n" for i, off in enumerate(offsets))
+        base += os.path.getsize(rec)
+    if not used:
+        raise ShardError("the shards hold no records: " + ", ".join(os.path.basename(p) for p in rec_paths))
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"im2rec_tools-{os.getuid()}")
+    os.makedirs(cache_dir, exist_ok=True)
+    digest = hashlib.sha1(repr(_stat_key(*used, *map(idx_path_for, used))).encode()).hexdigest()[:20]
+    path = os.path.join(cache_dir, f"merged-{digest}.idx")
+    if os.path.isfile(path):
+        os.utime(path)  # in use: keep it out of the pruning below
+    else:
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w", encoding="ascii") as f:
+            f.writelines(lines)
+        os.replace(tmp, path)  # atomic: processes of one distributed job may race to write the same file
+        _prune(cache_dir, keep=path)
+    return used, path
+
+
+def _prune(cache_dir: str, keep: str, max_age_days: float = 30) -> None:
+    """Delete merged indexes unused for ``max_age_days`` (every repack makes a new one)."""
+    cutoff = time.time() - max_age_days * 86400
+    for entry in os.scandir(cache_dir):
+        if entry.name.startswith("merged-") and entry.path != keep:
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.remove(entry.path)
+            except OSError:
+                pass  # another process got there first

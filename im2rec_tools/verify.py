@@ -1,0 +1,192 @@
+"""``verify``: check that every shard's ``.idx`` and ``.rec`` agree and every record holds a labelled image.
+
+Per shard: each ``.idx`` line parses; its offsets, in order, start at byte 0 and each points at a valid record that
+ends exactly where the next one starts (the last one at the end of the file), so the ``.rec`` has exactly as many
+records as the ``.idx``; each record's header (``mx.recordio.unpack``) has one finite whole non-negative label and the
+id the ``.idx`` key names; the image header parses (Pillow, no decode) or, with ``--decode``, the whole image decodes
+(OpenCV) to 3 channels.
+"""
+from __future__ import annotations
+
+import io
+import math
+import multiprocessing
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .recordfile import RecordError, read_record
+from .shards import idx_path_for, lookup_shards
+
+
+@dataclass
+class ShardReport:
+    rec_path: str
+    records: int = 0
+    bad: list[tuple[str, str]] = field(default_factory=list)  # (where: "index 3 (key 17)", reason)
+    labels: Counter = field(default_factory=Counter)
+    heights: tuple[int, int] | None = None  # (min, max)
+    widths: tuple[int, int] | None = None
+
+
+def _grow(span: tuple[int, int] | None, value: int) -> tuple[int, int]:
+    return (value, value) if span is None else (min(span[0], value), max(span[1], value))
+
+
+def _image_size(data: bytes, decode: bool) -> tuple[int, int]:
+    """(height, width) of encoded image bytes; ValueError with the reason if unusable."""
+    if decode:
+        import cv2
+        import numpy as np
+
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        if img is None:
+            raise ValueError("image does not decode")
+        if img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(f"image has {1 if img.ndim == 2 else img.shape[2]} channels, expected 3")
+        return img.shape[0], img.shape[1]
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size[1], im.size[0]
+    except Exception as e:  # Pillow raises several types for unknown or broken headers
+        raise ValueError(f"image header does not parse ({type(e).__name__})") from None
+
+
+def _check_payload(payload: bytes, key: str, decode: bool) -> tuple[int, tuple[int, int]]:
+    """(label, (height, width)) of one record payload; ValueError with the reason if bad."""
+    import mxnet as mx
+
+    try:
+        header, image = mx.recordio.unpack(payload)
+    except Exception:
+        raise ValueError("record header does not unpack") from None
+    if header.flag != 0:
+        raise ValueError(f"record has {header.flag} labels; xception_mx expects one")
+    label = float(header.label)
+    if not math.isfinite(label) or label < 0 or label != int(label):
+        raise ValueError(f"label {label} is not a whole non-negative number")
+    if key.lstrip("-").isdigit() and int(key) != header.id:
+        raise ValueError(f".idx key {key} points at the record with id {header.id}: .idx and .rec disagree")
+    return int(label), _image_size(image, decode)
+
+
+def verify_shard(rec_path: str, decode: bool = False, progress: bool = False) -> ShardReport:
+    """Check one shard; every problem goes into ``report.bad``."""
+    import mxnet  # noqa: F401  (loaded before the progress bar starts, not inside the first record)
+    from tqdm import tqdm
+
+    report = ShardReport(rec_path)
+    idx_path = idx_path_for(rec_path)
+    entries: list[tuple[int, str, int]] = []  # (line number, key, offset)
+    with open(idx_path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) != 2 or not fields[1].isdigit():
+                report.bad.append((f".idx line {line_no}", f"not 'key<TAB>offset': {line.strip()[:60]!r}"))
+                continue
+            entries.append((line_no, fields[0], int(fields[1])))
+    entries.sort(key=lambda e: e[2])
+    size = os.path.getsize(rec_path)
+    expected_start = 0
+    with open(rec_path, "rb") as f:
+        for i, (line_no, key, offset) in enumerate(tqdm(entries, desc=os.path.basename(rec_path), unit="rec",
+                                                        disable=not progress, file=sys.stderr, leave=False)):
+            where = f"index {i} (key {key}, byte {offset})"
+            if offset != expected_start:
+                gap = (f"{offset - expected_start} bytes before it are not covered by the .idx"
+                       if offset > expected_start else "it overlaps the previous record")
+                report.bad.append((where, gap))
+            try:
+                payload, expected_start = read_record(f, offset, size)
+            except RecordError as e:
+                report.bad.append((where, str(e)))
+                expected_start = max(expected_start, _next_offset(entries, i, size))
+                continue
+            try:
+                label, (h, w) = _check_payload(payload, key, decode)
+            except ValueError as e:
+                report.bad.append((where, str(e)))
+                continue
+            report.records += 1
+            report.labels[label] += 1
+            report.heights, report.widths = _grow(report.heights, h), _grow(report.widths, w)
+    if expected_start < size:
+        report.bad.append(("end of .rec", f"{size - expected_start} bytes after the last indexed record are not "
+                                          f"covered by the .idx"))
+    return report
+
+
+def _next_offset(entries: list[tuple[int, str, int]], i: int, size: int) -> int:
+    """Where the record after entry ``i`` is expected to start (the next offset, or the file end)."""
+    return entries[i + 1][2] if i + 1 < len(entries) else size
+
+
+def _verify_star(args: tuple[str, bool]) -> ShardReport:
+    return verify_shard(*args)
+
+
+def verify(spec: str, decode: bool = False, workers: int = 1, progress: bool = True
+           ) -> tuple[list[ShardReport], list[str]]:
+    """Reports for every shard the spec names that has an ``.idx``, plus lookup problems (missing files)."""
+    import mxnet  # noqa: F401  (once here, not in every worker process)
+    from tqdm import tqdm
+
+    lookup = lookup_shards(spec)
+    usable = [p for p in lookup.rec_paths if os.path.isfile(idx_path_for(p))]
+    if workers > 1 and len(usable) > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        with multiprocessing.get_context(method).Pool(min(workers, len(usable))) as pool:
+            reports = list(tqdm(pool.imap(_verify_star, [(p, decode) for p in usable]), total=len(usable),
+                                desc="verify", unit="shard", disable=not progress, file=sys.stderr))
+    else:
+        reports = [verify_shard(p, decode, progress) for p in usable]
+    return reports, lookup.problems
+
+
+def _span(span: tuple[int, int] | None) -> str:
+    return "-" if span is None else (f"{span[0]}" if span[0] == span[1] else f"{span[0]}..{span[1]}")
+
+
+def format_report(reports: list[ShardReport], problems: list[str], decode: bool) -> tuple[str, bool]:
+    """(text, ok) for the command's output."""
+    lines = []
+    width = max([len(os.path.relpath(r.rec_path)) for r in reports] + [5])
+    lines.append(f"{'shard':<{width}}  {'records':>8}  {'bad':>5}  {'height':>11}  {'width':>11}")
+    for r in reports:
+        lines.append(f"{os.path.relpath(r.rec_path):<{width}}  {r.records:>8}  {len(r.bad):>5}  "
+                     f"{_span(r.heights):>11}  {_span(r.widths):>11}")
+    labels: Counter = sum((r.labels for r in reports), Counter())
+    total = sum(r.records for r in reports)
+    heights = widths = None
+    for r in reports:
+        if r.heights:
+            heights = _grow(_grow(heights, r.heights[0]), r.heights[1])
+            widths = _grow(_grow(widths, r.widths[0]), r.widths[1])
+    lines.append(f"total: {total} good records in {len(reports)} shards")
+    if labels:
+        n_classes = max(labels) + 1
+        counts = [labels.get(c, 0) for c in range(n_classes)]
+        lo, hi = min(range(n_classes), key=counts.__getitem__), max(range(n_classes), key=counts.__getitem__)
+        lines.append(f"classes: labels 0..{n_classes - 1}; records per class min {counts[lo]} (label {lo}), "
+                     f"max {counts[hi]} (label {hi}), mean {total / n_classes:.1f}")
+        empty = [c for c in range(n_classes) if not counts[c]]
+        if empty:
+            lines.append(f"note: no records for {len(empty)} labels below the largest (first: {empty[0]})")
+        lines.append(f"image size: height {_span(heights)}, width {_span(widths)}"
+                     + ("" if decode else " (from image headers; --decode decodes every image)"))
+    bad = [(r.rec_path, where, reason) for r in reports for where, reason in r.bad]
+    for problem in problems:
+        lines.append(f"MISSING: {problem}")
+    for rec_path, where, reason in bad:
+        lines.append(f"BAD: {os.path.relpath(rec_path)} {where}: {reason}")
+    ok = not bad and not problems and total > 0
+    if total == 0 and not bad and not problems:
+        lines.append("FAILED: the shards hold no records")
+    else:
+        lines.append("OK" if ok else f"FAILED: {len(bad)} bad records, {len(problems)} missing files")
+    return "\n".join(lines), ok

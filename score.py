@@ -1,0 +1,8 @@
+#!/usr/bin/env python
+"""Score an exported Xception checkpoint on RecordIO shards, benchmark it, or predict images (see --help)."""
+import sys
+
+from xception_mx.cli import score_main
+
+if __name__ == "__main__":
+    sys.exit(score_main())

@@ -1,0 +1,137 @@
+"""Metrics: classification counts, the per-epoch JSON-lines log, and its plot.
+
+    python -m xception_mx.metrics runs/demo/metrics.jsonl runs/demo/curves.png
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Accumulator", "append_jsonl", "read_jsonl", "truncate_jsonl", "plot_curves", "topk_correct"]
+
+
+def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
+    """How many rows have their label among the k largest logits."""
+    k = min(k, logits.shape[1])
+    top = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    return int((top == labels.reshape(-1, 1)).any(axis=1).sum())
+
+
+@dataclass
+class Accumulator:
+    """Sums of loss and correct counts over images (padding excluded by the caller)."""
+
+    count: int = 0
+    loss_sum: float = 0.0
+    correct: dict = field(default_factory=lambda: {1: 0, 5: 0})
+
+    def update(self, logits: np.ndarray, labels: np.ndarray, losses: np.ndarray) -> None:
+        self.count += len(labels)
+        self.loss_sum += float(np.sum(losses, dtype=np.float64))
+        for k in self.correct:
+            self.correct[k] += topk_correct(logits, labels, k)
+
+    def top(self, k: int) -> float:
+        return self.correct[k] / self.count if self.count else float("nan")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.count if self.count else float("nan")
+
+    def to_dict(self) -> dict:
+        return {"count": self.count, "loss_sum": self.loss_sum, "correct": {str(k): v for k, v in self.correct.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Accumulator":
+        return cls(d["count"], d["loss_sum"], {int(k): v for k, v in d["correct"].items()})
+
+
+def append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=False) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    records.append(json.loads(line))
+                except ValueError:
+                    continue  # a line cut by a crash mid-write
+    return records
+
+
+def truncate_jsonl(path: str, last_epoch: int) -> None:
+    """Keep only the epochs <= last_epoch (a resume rewrites what comes after)."""
+    from .checkpoint import atomic_write_text
+
+    if not os.path.exists(path):
+        return
+    kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= last_epoch]
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+def plot_curves(jsonl_path: str, png_path: str) -> None:
+    """Loss and accuracy per epoch, train against validation, written atomically to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .checkpoint import atomic_replace
+
+    records = read_jsonl(jsonl_path)
+    if not records:
+        return
+    epochs = [r["epoch"] for r in records]
+
+    def series(key):
+        return [np.nan if r.get(key) is None else r[key] for r in records]
+
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
+    ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
+    ax_loss.plot(epochs, series("val_loss"), "s-", label="val")
+    ax_loss.set(title="loss", xlabel="epoch")
+    ax_acc.plot(epochs, series("train_top1"), "o-", label="train top-1")
+    ax_acc.plot(epochs, series("val_top1"), "s-", label="val top-1")
+    ax_acc.plot(epochs, series("val_top5"), "^--", label="val top-5")
+    ax_acc.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
+    ax_lr.plot(epochs, series("lr"), "o-")
+    ax_lr.set(title="lr (first step of the epoch)", xlabel="epoch")
+    for ax in (ax_loss, ax_acc):
+        ax.legend()
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    atomic_replace(tmp, png_path)
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 2:
+        print("usage: python -m xception_mx.metrics METRICS.jsonl OUT.png", file=sys.stderr)
+        return 2
+    if not os.path.exists(argv[0]):
+        print(f"error: {argv[0]} not found", file=sys.stderr)
+        return 1
+    plot_curves(argv[0], argv[1])
+    print(f"wrote {argv[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
