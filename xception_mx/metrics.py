@@ -102,7 +102,7 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(13, 3.8))
     ax_loss.plot(epochs, series("train_loss"), "o-", label="train")
     ax_loss.plot(epochs, series("val_loss"), "s-", label="val")
-    ax_loss.set(title="loss", xlabel="epoch")
+    ax_loss.set(title="loss", xlabel="epoch", yscale="log")
     ax_acc.plot(epochs, series("train_top1"), "o-", label="train top-1")
     ax_acc.plot(epochs, series("val_top1"), "s-", label="val top-1")
     ax_acc.plot(epochs, series("val_top5"), "^--", label="val top-5")
