@@ -206,7 +206,8 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_p
     assert "--resume" in stderr.strip().splitlines()[-1]
     partial = ckpt.load_partial_manifest(str(out), "xception_slim")
     assert partial is not None and partial["in_progress"]["batches_done"] in (1, 2, 3)
-    resumed = _cli(args + ["--resume"])
+    # The command the message suggests, nothing more: the saved config supplies the rest.
+    resumed = _cli(["--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from epoch 1, batch" in resumed.stdout
     assert ckpt.list_epochs(str(out), "xception_slim") == [1]

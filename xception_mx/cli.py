@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["train_main", "score_main", "setup_logging", "run_cli", "choose_engine"]
+__all__ = ["train_main", "score_main", "setup_logging", "run_cli", "choose_engine", "with_saved_config"]
 
 #: Exit codes: 1 = the run failed (e.g. non-finite loss), 2 = bad input, 130 = stopped by a signal.
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
@@ -42,7 +42,30 @@ def run_cli(prog: str, body) -> int:
         return EXIT_INTERRUPTED
 
 
-def choose_engine(argv: list[str] | None) -> None:
+def with_saved_config(argv: list[str] | None) -> list[str]:
+    """On --resume (or --model-load-epoch without --retrain) and no --config, the run's saved config.yaml is the base.
+
+    So ``train_xception.py --output-dir DIR --resume`` alone continues a run as it was configured (model, prefix,
+    data, schedule); flags given with it still override.
+    """
+    import os
+
+    from .config import ConfigError, build_parser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        namespace = vars(build_parser().parse_args(argv))
+    except (ConfigError, SystemExit):
+        return argv  # reported by the real parse
+    resuming = namespace.get("resume", None) is not None or "resume" in namespace or (
+        namespace.get("model_load_epoch") is not None and not namespace.get("retrain"))
+    if not resuming or namespace.get("config"):
+        return argv
+    saved = os.path.join(namespace.get("output_dir", "runs/xception"), "config.yaml")
+    return ["--config", saved, *argv] if os.path.isfile(saved) else argv
+
+
+def choose_engine(argv: list[str]) -> None:
     """Select MXNet's serial engine for deterministic runs; must run before ``import mxnet``.
 
     Workaround for apache/mxnet#13829: MXNet's threaded engine reorders floating-point work between runs, so two
@@ -59,13 +82,7 @@ def choose_engine(argv: list[str] | None) -> None:
     try:
         namespace = vars(build_parser().parse_args(argv))
         path = namespace.pop("config", None)
-        yaml_values = load_yaml(path) if path else {}
-        config = resolve(yaml_values, namespace)
-        saved = os.path.join(config["output_dir"], "config.yaml")
-        resuming = config["resume"] is not None or (config["model_load_epoch"] is not None and not config["retrain"])
-        if resuming and os.path.isfile(saved):
-            base = load_yaml(saved)
-            config = resolve(base, {**yaml_values, **namespace})
+        config = resolve(load_yaml(path) if path else {}, namespace)
     except (ConfigError, OSError, SystemExit):
         return
     if wants_serial_engine(config):
@@ -74,6 +91,7 @@ def choose_engine(argv: list[str] | None) -> None:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``train_xception.py`` / ``train-xception``."""
+    argv = with_saved_config(argv)
     choose_engine(argv)
     from .train import build_config, train
 
