@@ -43,10 +43,11 @@ def run_cli(prog: str, body) -> int:
 
 
 def with_saved_config(argv: list[str] | None) -> list[str]:
-    """On --resume (or --model-load-epoch without --retrain) and no --config, the run's saved config.yaml is the base.
+    """On --resume or --model-load-epoch (with or without --retrain) and no --config, the run's config.yaml is the base.
 
     So ``train_xception.py --output-dir DIR --resume`` alone continues a run as it was configured (model, prefix,
-    data, schedule); flags given with it still override.
+    data, schedule), and ``--output-dir DIR --retrain --model-load-epoch N --lr X`` changes only the schedule;
+    flags given with them override the saved values.
     """
     import os
 
@@ -57,12 +58,36 @@ def with_saved_config(argv: list[str] | None) -> list[str]:
         namespace = vars(build_parser().parse_args(argv))
     except (ConfigError, SystemExit):
         return argv  # reported by the real parse
-    resuming = namespace.get("resume", None) is not None or "resume" in namespace or (
-        namespace.get("model_load_epoch") is not None and not namespace.get("retrain"))
-    if not resuming or namespace.get("config"):
+    continuing = "resume" in namespace or "model_load_epoch" in namespace
+    if not continuing or namespace.get("config"):
         return argv
     saved = os.path.join(namespace.get("output_dir", "runs/xception"), "config.yaml")
     return ["--config", saved, *argv] if os.path.isfile(saved) else argv
+
+
+#: Keys that define the optimiser and schedule: a resume continues the saved ones, --retrain starts new ones.
+SCHEDULE_KEYS = ("optimizer", "lr", "lr_mode", "lr_decay", "lr_decay_period", "lr_step_epochs", "poly_power",
+                 "target_lr", "warmup_epochs", "warmup_lr")
+
+
+def check_resume_flags(argv: list[str]) -> None:
+    """A resume that is given a different optimiser or schedule would silently ignore it: refuse instead."""
+    import os
+
+    from .config import ConfigError, build_parser, load_yaml, resolve
+
+    namespace = vars(build_parser().parse_args(argv))
+    resuming = "resume" in namespace or ("model_load_epoch" in namespace and not namespace.get("retrain"))
+    path = namespace.pop("config", None)
+    if not resuming or not path or not os.path.isfile(path):
+        return
+    saved = resolve(load_yaml(path))
+    given = resolve(load_yaml(path), namespace)
+    changed = [k for k in SCHEDULE_KEYS if k in namespace and given[k] != saved[k]]
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise ConfigError(f"{flag} with --resume: a resume continues the saved optimiser and schedule exactly; to "
+                          f"start a new one from epoch N use --retrain --model-load-epoch N {flag} ...")
 
 
 def choose_engine(argv: list[str]) -> None:
@@ -98,6 +123,7 @@ def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
 
     def body():
+        check_resume_flags(argv)
         train(build_config(argv))
 
     return run_cli("train_xception.py", body)
