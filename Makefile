@@ -4,8 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.xception_mx-installed
+# torch + timm + keras for the weight-parity tests: they break `import gluoncv`, so they live in their own venv.
+REF_VENV ?= .venv-ref
 
-.PHONY: venv test demo bench clean
+.PHONY: venv ref-venv test demo bench clean
 
 venv: $(STAMP)
 
@@ -16,11 +18,15 @@ $(STAMP): setup.py
 	$(BIN)/python -m pip install -q -e '.[test,demo]'
 	touch $@
 
-test: venv
-	$(BIN)/python -m pytest -q tests
+ref-venv:
+	bash scripts/setup_ref_venv.sh $(PYTHON) $(REF_VENV)
+
+test: venv ref-venv
+	bash scripts/install_horovod.sh $(BIN)/python
+	XCEPTION_MX_REF_PYTHON=$(REF_VENV)/bin/python $(BIN)/python -m pytest -q tests
 
 demo: venv
 	bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache runs demo_data
+	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache runs demo_data

@@ -13,6 +13,9 @@ CORE = [
     "matplotlib>=3.5,<3.11",
 ]
 
+# Reading timm (.safetensors) and Keras (.h5) weights; versions that keep numpy<1.24.
+CONVERT = ["h5py>=3.6,<3.12", "safetensors>=0.4"]
+
 setup(
     name="xception_mx",
     version="0.1.0",
@@ -30,7 +33,11 @@ setup(
             "pytest>=7",
             # scikit-learn ships the 8x8 digits used by the demo; <1.8 keeps it on numpy<1.24.
             "scikit-learn>=1.2,<1.8",
+            *CONVERT,
         ],
+        "convert": CONVERT,
+        # Build against the installed mxnet: scripts/install_horovod.sh .venv/bin/python (README, Distributed).
+        "horovod": ["horovod==0.28.1"],
         "demo": ["scikit-learn>=1.2,<1.8"],
     },
     entry_points={
@@ -38,6 +45,7 @@ setup(
             "im2rec-tools=im2rec_tools.__main__:main",
             "train-xception=xception_mx.cli:train_main",
             "xception-score=xception_mx.cli:score_main",
+            "xception-convert=xception_mx.convert:main",
         ],
     },
 )

@@ -18,8 +18,8 @@ from typing import Sequence
 import mxnet as mx
 from mxnet.gluon import nn
 
-__all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "MODEL_CONFIGS", "get_model",
-           "list_models", "MIN_INPUT_SIZE", "count_parameters"]
+__all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D", "MODEL_CONFIGS",
+           "POOL_PADDINGS", "get_model", "list_models", "MIN_INPUT_SIZE", "count_parameters"]
 
 #: Keras documents 71 px as Xception's smallest input.
 MIN_INPUT_SIZE = 71
@@ -115,11 +115,38 @@ class XceptionBlock(nn.HybridBlock):
         return self.rep(x) + residual
 
 
+#: Accepted ``pool_padding`` values: 'symmetric' (timm, the MXNet seed; the default) and 'keras' (Keras's "same").
+POOL_PADDINGS = ("symmetric", "keras")
+
+
+class KerasSameMaxPool2D(nn.HybridBlock):
+    """3x3 max pool with Keras's (TensorFlow's) "same" padding, for any input size.
+
+    "same" pads ``pad_total = max((ceil(n / s) - 1) * s + 3 - n, 0)`` with ``pad_total // 2`` before and the rest
+    after, so it is asymmetric (0 before, 1 after) when the side ``n`` is even at stride 2 (74 px at 299 input). Read
+    from the far end, the windows always start one pixel before the edge; so this is the symmetric pad-1 pool applied
+    to the image flipped in H and W, flipped back. It needs no input shape (hybridizes and exports), and the padding
+    never wins the max (MXNet pads max pools with the lowest value). ``pooling_convention='same'`` raises in mxnet 1.9.1.
+    """
+
+    def __init__(self, strides: int = 2, **kwargs):
+        super().__init__(**kwargs)
+        if strides != 2:
+            raise ValueError(f"KerasSameMaxPool2D supports stride 2 only, got {strides}")
+        with self.name_scope():
+            self.pool = nn.MaxPool2D(pool_size=3, strides=strides, padding=1)
+
+    def hybrid_forward(self, F, x):
+        return F.reverse(self.pool(F.reverse(x, axis=(2, 3))), axis=(2, 3))
+
+
 def _max_pool(stride: int, pool_padding: str) -> nn.HybridBlock:
     if pool_padding == "symmetric":
         # The paper's 3x3 stride-2 pool with padding 1 on every side (timm, the MXNet seed).
         return nn.MaxPool2D(pool_size=3, strides=stride, padding=1)
-    raise ValueError(f"pool_padding must be 'symmetric', got {pool_padding!r}")
+    if pool_padding == "keras":
+        return KerasSameMaxPool2D(stride)
+    raise ValueError(f"pool_padding must be one of {', '.join(map(repr, POOL_PADDINGS))}, got {pool_padding!r}")
 
 
 class XceptionFeatures(nn.HybridBlock):
@@ -172,7 +199,8 @@ class Xception(nn.HybridBlock):
     """Xception classifier: ``features`` (to the pooled ``filter_list[6]``-vector), dropout, ``fc`` (the output part).
 
     To fine-tune on other classes, keep ``features`` and replace the output part: ``net.reset_classifier(k)``.
-    Inputs must be at least 71x71 (:data:`MIN_INPUT_SIZE`).
+    Inputs must be at least 71x71 (:data:`MIN_INPUT_SIZE`). ``pool_padding='keras'`` pads the stride-2 max pools
+    as Keras does ("same": asymmetric on even sides), for Keras's weights; the default 'symmetric' is timm's.
     """
 
     def __init__(self, filter_list: Sequence[int] = MODEL_CONFIGS["xception"]["filter_list"],

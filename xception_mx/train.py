@@ -23,6 +23,7 @@ from mxnet import autograd, gluon
 from . import checkpoint as ckpt
 from . import data
 from .config import ConfigError, dump_yaml, load_yaml, resolve, wants_serial_engine
+from .distributed import Cluster, create_cluster
 from .metrics import Accumulator, append_jsonl, plot_curves, read_jsonl, truncate_jsonl
 from .model import Xception, get_model
 from .schedule import build_lr_scheduler
@@ -256,8 +257,12 @@ def _mix_batch(x: mx.nd.NDArray, y: np.ndarray, num_classes: int, alpha: float, 
 
 def train(config: dict) -> dict:
     """Run (or resume) training as configured. Returns the last epoch's metrics record."""
-    ctx = make_contexts(config["gpus"], config["cpus"])
-    if config["batch_size"] % len(ctx):
+    gpus = config["gpus"]
+    if config["kv_store"] == "horovod" and len(gpus) > 1:  # one process per GPU: take ours by local rank
+        local_rank = int(os.environ.get("HOROVOD_LOCAL_RANK", os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", "0")))
+        gpus = [gpus[local_rank % len(gpus)]]
+    ctx = make_contexts(gpus, config["cpus"])
+    if config["batch_size"] % len(ctx) and config["kv_store"] in ("device", "local"):
         raise ConfigError(f"--batch-size {config['batch_size']} is not divisible by the {len(ctx)} devices: "
                           f"use a multiple of {len(ctx)}")
     if config["dtype"] == "float16" and not config["gpus"]:
@@ -271,19 +276,18 @@ def train(config: dict) -> dict:
             have = f"epochs {existing[0]}..{existing[-1]}" if existing else "a mid-epoch checkpoint"
             raise ConfigError(f"{output_dir} already holds checkpoints ({have}): pass --resume to continue, "
                               f"or choose another --output-dir")
-    os.makedirs(output_dir, exist_ok=True)
-    _log_to_file(os.path.join(output_dir, "train.log"))
-
     engine = os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice")
+    cluster = create_cluster(config["kv_store"], len(ctx))
+    rank, num_workers = cluster.rank, cluster.size
+    is_writer = rank == 0  # rank 0 alone writes checkpoints, metrics, curves and config.yaml
+    local_batch = cluster.local_batch(config["batch_size"], len(ctx))  # this worker's share of the global batch
+    os.makedirs(output_dir, exist_ok=True)
+    _log_to_file(os.path.join(output_dir, "train.log" if is_writer else f"train.rank{rank}.log"))
+
     if wants_serial_engine(config) and engine != "NaiveEngine":
         log.warning("deterministic=%s but MXNet runs %s: results will differ in the last bits from run to run "
                     "(apache/mxnet#13829); set MXNET_ENGINE_TYPE=NaiveEngine before importing mxnet, as "
                     "train_xception.py does", config["deterministic"], engine)
-    kv, rank, num_workers = None, 0, 1
-    if config["kv_store"].startswith("dist"):
-        kv = mx.kv.create(config["kv_store"])
-        rank, num_workers = kv.rank, kv.num_workers
-    is_writer = rank == 0
 
     _seed_everything(config["seed"])
     net = _build_net(config)
@@ -296,10 +300,10 @@ def train(config: dict) -> dict:
             if name.endswith((".gamma", ".beta", ".bias")):
                 p.wd_mult = 0.0
 
-    batches_per_epoch = data.num_train_batches(shards.train, config["batch_size"], num_parts=num_workers)
+    batches_per_epoch = data.num_train_batches(shards.train, local_batch, num_parts=num_workers)
     if batches_per_epoch < 1:
         raise ConfigError(f"the training shards hold {data.count_records(shards.train)} images, fewer than one "
-                          f"batch of {config['batch_size']} per worker: lower --batch-size")
+                          f"batch of {local_batch} per worker ({num_workers} worker(s)): lower --batch-size")
     if config["max_batches"]:
         batches_per_epoch = min(batches_per_epoch, config["max_batches"])
 
@@ -326,11 +330,12 @@ def train(config: dict) -> dict:
         start_epoch=schedule_origin["start_epoch"], warmup_epochs=schedule_origin["warmup_epochs"],
         warmup_lr=config["warmup_lr"], decay=config["lr_decay"], decay_period=config["lr_decay_period"],
         step_epochs=config["lr_step_epochs"], power=config["poly_power"], target_lr=config["target_lr"])
-    trainer = gluon.Trainer(net.collect_params(), config["optimizer"],
-                            _optimizer_params(config, lr_scheduler, config["dtype"] == "float16"),
-                            kvstore=kv if kv is not None else config["kv_store"], update_on_kvstore=False)
+    trainer = cluster.make_trainer(net.collect_params(), config["optimizer"],
+                                   _optimizer_params(config, lr_scheduler, config["dtype"] == "float16"))
     if point is not None:
         ckpt.restore_optimizer_state(trainer, names, point.manifest["optimizer"], arrays)
+    if cluster.distributed:  # every worker starts from rank 0's (initial or loaded) weights
+        cluster.sync_initial(trainer, net.collect_params())
     ema = None
     if config["ema"] > 0:
         ema = _EMA(named, config["ema"], ctx[0])
@@ -346,7 +351,10 @@ def train(config: dict) -> dict:
         truncate_jsonl(metrics_path, start_epoch)
     log.info("training %s (%s) on %s, global batch %d (%d per device), %d batches/epoch, epochs %d..%d",
              config["model"], "x".join(map(str, net.filter_list)), ",".join(map(str, ctx)), config["batch_size"],
-             config["batch_size"] // len(ctx), batches_per_epoch, start_epoch + 1, config["num_epochs"])
+             local_batch // len(ctx), batches_per_epoch, start_epoch + 1, config["num_epochs"])
+    if cluster.distributed:
+        log.info("%s: worker %d of %d, %d images per step on this worker", cluster.engine, rank, num_workers,
+                 local_batch)
 
     def state_arrays(live_in_shadow: bool) -> tuple[dict, dict]:
         """Raw weights, optimizer states and EMA weights, keyed by structured name."""
@@ -367,8 +375,10 @@ def train(config: dict) -> dict:
     with _StopFlag() as stop:
         for epoch in range(start_epoch + 1, config["num_epochs"] + 1):
             record, in_progress = _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards,
-                                               batches_per_epoch, stop, num_workers, rank, progress)
+                                               batches_per_epoch, stop, cluster, local_batch, progress)
             progress = None
+            if cluster.distributed:
+                _sync_workers(named, ema, ctx, cluster, trainer)
             if in_progress is not None:  # stopped by a signal mid-epoch
                 if is_writer:
                     state, opt_info = state_arrays(live_in_shadow=False)
@@ -378,7 +388,7 @@ def train(config: dict) -> dict:
                 raise Interrupted(_interrupt_message(config, epoch, stop.signum, in_progress["batches_done"]))
             if ema is not None:
                 ema.swap(named)
-            record.update(_validate(config, net, ctx, shards.val, num_workers, rank, kv))
+            record.update(_validate(config, net, ctx, shards.val, cluster, local_batch))
             if best["val_top1"] is None or record["val_top1"] > best["val_top1"]:
                 best = dict(record)
             if is_writer:
@@ -396,10 +406,10 @@ def train(config: dict) -> dict:
                      "%.1fs, lr %.4g", epoch, record["train_loss"], record["train_top1"], record["val_loss"],
                      record["val_top1"], record["val_top5"], record["samples_per_sec"], record["time_s"],
                      record["lr"])
-            if stop.signum is not None:
+            if _stop_voted(stop, cluster):
                 raise Interrupted(_interrupt_message(config, epoch, stop.signum, None))
-    if kv is not None:
-        kv._barrier()
+    if cluster.distributed:
+        cluster.barrier()
     log.info("done: best val top-1 %.4f at epoch %s; checkpoints in %s", best["val_top1"], best["epoch"],
              output_dir)
     return record
@@ -449,26 +459,57 @@ def _load_params(named: dict, arrays: dict, key_prefix: str) -> None:
         p.set_data(saved[name])
 
 
+def _sync_workers(named: dict, ema, ctx, cluster: Cluster, trainer: gluon.Trainer) -> None:
+    """End of an epoch (or a stop): average the BatchNorm running statistics (and their EMA shadows) over the
+    workers, which accumulate them from their own batches (no gradient reduces them), and give every worker rank
+    0's trainable weights."""
+    aux = [name for name, p in named.items() if p.grad_req == "null"]
+    cluster.average_params(trainer, {named[n].name: named[n].data(ctx[0]) for n in aux})
+    for name in aux:  # every device of this worker gets the averaged statistics
+        named[name].set_data(named[name].data(ctx[0]))
+    if ema is not None:
+        cluster.average_params(trainer, {named[n].name: ema.shadow[n] for n in aux})
+    # Rank 0's trainable weights to every worker: keeps tiny cross-worker drift (see xception_mx.distributed)
+    # from accumulating, and the checkpoint rank 0 writes is then what every worker holds.
+    trainable = [name for name, p in named.items() if p.grad_req != "null"]
+    cluster.broadcast_params(trainer, {named[n].name: named[n].data(ctx[0]) for n in trainable})
+    for name in trainable:
+        named[name].set_data(named[name].data(ctx[0]))
+
+
+def _stop_voted(stop: "_StopFlag", cluster: Cluster) -> bool:
+    """Whether any worker saw SIGINT/SIGTERM (every worker gets the same answer, so all stop at the same step)."""
+    if not cluster.distributed:
+        return stop.signum is not None
+    if cluster.any(stop.signum is not None):
+        stop.signum = stop.signum or signal.SIGTERM  # another worker got the signal
+        return True
+    return False
+
+
 def _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards, batches_per_epoch, stop,
-                 num_workers, rank, resume_from: dict | None = None) -> tuple[dict | None, dict | None]:
-    """One epoch. Returns (record, None), or (None, in_progress) when a signal stopped it midway.
+                 cluster: Cluster, local_batch: int,
+                 resume_from: dict | None = None) -> tuple[dict | None, dict | None]:
+    """One epoch of this worker's part. Returns (record, None), or (None, in_progress) when a signal stopped it.
 
     ``resume_from`` (a mid-epoch checkpoint's ``in_progress``) skips the batches already trained on.
     """
+    rank, num_workers = cluster.rank, cluster.size
     _seed_everything(_epoch_seed(config["seed"], epoch))
     mix_rng = np.random.RandomState(_epoch_seed(config["seed"], epoch) + 1)
     size = config["input_size"]
     train_data = data.train_iter(
-        shards.train, config["batch_size"], (3, size, size), epoch=epoch, seed=config["seed"],
+        shards.train, local_batch, (3, size, size), epoch=epoch, seed=config["seed"],
         num_parts=num_workers, part_index=rank, mean=tuple(config["mean"]), std=tuple(config["std"]),
         min_area=config["min_area"], mirror=config["mirror"], color_jitter=config["color_jitter"],
         pca_noise=config["pca_noise"], preprocess_threads=config["preprocess_threads"])
     dense = bool(config["label_smoothing"] or config["mixup"])
     skip = resume_from["batches_done"] if resume_from else 0
-    acc = Accumulator.from_dict(resume_from["acc"]) if resume_from else Accumulator()
+    # A mid-epoch checkpoint holds the figures summed over the workers: rank 0 carries them on.
+    acc = Accumulator.from_dict(resume_from["acc"]) if resume_from and rank == 0 else Accumulator()
     elapsed_before = resume_from["elapsed"] if resume_from else 0.0
     first_lr = resume_from["first_lr"] if resume_from else None
-    progress = _Progress(epoch, batches_per_epoch, config["batch_size"] * num_workers, config["log_interval"], skip)
+    progress = _Progress(epoch, batches_per_epoch, config["batch_size"], config["log_interval"], skip)
     start = time.time()
     dtype = config["dtype"]
     done = skip
@@ -487,7 +528,7 @@ def _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards, 
             x, target = _mix_batch(x, y, config["num_classes"], config["mixup"], config["label_smoothing"], mix_rng)
         if dtype != "float32":
             x = x.astype(dtype)
-        outputs, losses = train_step(net, trainer, loss_fn, x, target, ctx, config["batch_size"] * num_workers)
+        outputs, losses = train_step(net, trainer, loss_fn, x, target, ctx, cluster.step_size(config["batch_size"]))
         if first_lr is None:
             first_lr = trainer.learning_rate
         if ema is not None:
@@ -502,18 +543,22 @@ def _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards, 
         acc.update(logits, y, loss_values)
         done = i + 1
         progress.update(acc, trainer.learning_rate)
-        if stop.signum is not None and done < batches_per_epoch:
+        if done < batches_per_epoch and _stop_voted(stop, cluster):
             progress.close()
+            if cluster.distributed:
+                acc = _allreduce_accumulator(acc, cluster)
             return None, {"epoch": epoch, "batches_done": done, "acc": acc.to_dict(), "first_lr": first_lr,
                           "elapsed": elapsed_before + time.time() - start}
     progress.close()
+    if cluster.distributed:  # the epoch's training figures over every worker's part
+        acc = _allreduce_accumulator(acc, cluster)
     if done < batches_per_epoch:
         raise data.DataError(f"the training iterator gave {done} batches, {batches_per_epoch} were expected: "
                              f"check the shards with `im2rec-tools verify`")
     elapsed = elapsed_before + time.time() - start
     return {"epoch": epoch, "lr": first_lr, "train_loss": acc.loss, "train_top1": acc.top(1),
             "val_loss": None, "val_top1": None, "val_top5": None,
-            "samples_per_sec": acc.count * num_workers / max(elapsed, 1e-9), "time_s": elapsed}, None
+            "samples_per_sec": acc.count / max(elapsed, 1e-9), "time_s": elapsed}, None
 
 
 def train_step(net, trainer: gluon.Trainer, loss_fn, x: mx.nd.NDArray, target: mx.nd.NDArray,
@@ -539,14 +584,15 @@ def _check_labels(y: np.ndarray, num_classes: int) -> None:
                              f"set --num-classes to the number of classes in the shards")
 
 
-def _validate(config, net, ctx, val_shards, num_workers, rank, kv) -> dict:
+def _validate(config, net, ctx, val_shards, cluster: Cluster, local_batch: int) -> dict:
+    """Each worker scores its part of the validation shards; the counts are summed over the workers."""
     size = config["input_size"]
-    val_data = data.val_iter(val_shards, config["batch_size"], (3, size, size), crop_pct=config["crop_pct"],
-                             mean=tuple(config["mean"]), std=tuple(config["std"]), num_parts=num_workers,
-                             part_index=rank, preprocess_threads=config["preprocess_threads"])
+    val_data = data.val_iter(val_shards, local_batch, (3, size, size), crop_pct=config["crop_pct"],
+                             mean=tuple(config["mean"]), std=tuple(config["std"]), num_parts=cluster.size,
+                             part_index=cluster.rank, preprocess_threads=config["preprocess_threads"])
     acc = evaluate(net, val_data, ctx, config["num_classes"], config["dtype"])
-    if kv is not None and num_workers > 1:
-        acc = _allreduce_accumulator(acc, kv)
+    if cluster.distributed:
+        acc = _allreduce_accumulator(acc, cluster)
     return {"val_loss": acc.loss, "val_top1": acc.top(1), "val_top5": acc.top(5)}
 
 
@@ -574,19 +620,9 @@ def evaluate(net, val_data, ctx, num_classes: int, dtype: str = "float32", on_ba
     return acc
 
 
-_VAL_KEY = 999_983  # a kvstore key no parameter uses
-
-
-def _allreduce_accumulator(acc: Accumulator, kv) -> Accumulator:
-    """Sum validation counts over workers (each saw a disjoint part of the validation set) through the kvstore."""
-    local = mx.nd.array([acc.count, acc.loss_sum, acc.correct[1], acc.correct[5]], dtype="float64")
-    if not getattr(kv, "_xception_val_key", False):
-        kv.init(_VAL_KEY, mx.nd.zeros(4, dtype="float64"))
-        kv._xception_val_key = True
-    kv.push(_VAL_KEY, local)
-    total = mx.nd.zeros(4, dtype="float64")
-    kv.pull(_VAL_KEY, out=total)
-    count, loss_sum, c1, c5 = total.asnumpy().tolist()
+def _allreduce_accumulator(acc: Accumulator, cluster: Cluster) -> Accumulator:
+    """Sum validation counts over workers (each saw a disjoint part of the validation set)."""
+    count, loss_sum, c1, c5 = cluster.allreduce_sum([acc.count, acc.loss_sum, acc.correct[1], acc.correct[5]])
     return Accumulator(int(round(count)), loss_sum, {1: int(round(c1)), 5: int(round(c5))})
 
 
