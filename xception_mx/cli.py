@@ -28,7 +28,7 @@ def run_cli(prog: str, body) -> int:
 
     try:
         return body() or 0
-    except (ConfigError, CheckpointError, DataError) as exc:
+    except (ConfigError, CheckpointError, DataError, OSError) as exc:  # OSError: unwritable output, disk full
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except Interrupted as exc:

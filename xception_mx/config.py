@@ -128,6 +128,13 @@ SCHEMA: list[Option] = [
     Option("retrain", "bool", False, "with model_load_epoch and lr: start from that epoch's weights and "
                                      "optimizer state with a new schedule beginning at lr"),
     Option("model_load_epoch", "int", None, "epoch to load (alone: same as --resume N)", check=_positive),
+    # Fine-tuning
+    Option("pretrained", "str", None, "start a fresh run from these weights, all but the classifier: a run's "
+                                      "PREFIX-EEEE.state.params, or a python -m xception_mx.convert output prefix"),
+    Option("freeze_features_epochs", "int", 0, "train only the classifier for the first N epochs",
+           check=_non_negative),
+    Option("features_lr_mult", "float", 1.0, "learning-rate multiplier of the features (the classifier gets 1)",
+           check=_non_negative),
     Option("deterministic", "str", "auto", "bit-reproducible runs through MXNet's serial NaiveEngine "
                                            "(apache/mxnet#13829): auto = on for single-process CPU runs, off on "
                                            "GPUs and for distributed runs",

@@ -503,27 +503,22 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m xception_mx.convert`` / ``xception-convert``: 0 on success, 2 on bad input."""
-    from .cli import EXIT_BAD_INPUT
+    from .cli import run_cli
 
-    prog = "xception_mx.convert"
-    try:
+    def body() -> int:
         args = _parser().parse_args(argv)
         meta = convert(args.src, args.out_prefix, args.source)
-    except ConfigError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except OSError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    m = meta["model"]
-    print(f"converted {meta['source']['tensors']} tensors from {args.src} ({meta['source']['framework']}): "
-          f"filter_list {m['filter_list']}, {m['num_classes']} classes, bn_epsilon {m['bn_epsilon']}, "
-          f"pool_padding {m['pool_padding']}")
-    for key in ("params", "symbol", "export_params"):
-        print(f"  {os.path.join(os.path.dirname(args.out_prefix), meta['files'][key])}")
-    print(f"  {args.out_prefix}.json")
-    print(f"score: {meta['score']}")
-    return 0
+        m = meta["model"]
+        print(f"converted {meta['source']['tensors']} tensors from {args.src} ({meta['source']['framework']}): "
+              f"filter_list {m['filter_list']}, {m['num_classes']} classes, bn_epsilon {m['bn_epsilon']}, "
+              f"pool_padding {m['pool_padding']}")
+        for key in ("params", "symbol", "export_params"):
+            print(f"  {os.path.join(os.path.dirname(args.out_prefix), meta['files'][key])}")
+        print(f"  {args.out_prefix}.json")
+        print(f"score: {meta['score']}")
+        return 0
+
+    return run_cli("xception_mx.convert", body)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import mxnet as mx
 
 from .checkpoint import CheckpointError
 
-__all__ = ["read_weights", "load_backbone", "set_features_lr_mult", "HEAD_PREFIX"]
+__all__ = ["read_weights", "load_backbone", "set_features_lr_mult", "model_overrides", "HEAD_PREFIX"]
 
 #: The output part (the classifier) that fine-tuning replaces.
 HEAD_PREFIX = "fc."
@@ -82,3 +82,15 @@ def set_features_lr_mult(named: dict, mult: float, head_prefix: str = HEAD_PREFI
     for name, param in named.items():
         if not name.startswith(head_prefix):
             param.lr_mult = mult
+
+
+def model_overrides(source: str) -> dict:
+    """Model settings the weights need, from a converter sidecar (``OUT_PREFIX.json``): BN epsilon, pooling."""
+    import json
+
+    for candidate in (source, source[:-len(".params")] if source.endswith(".params") else None):
+        if candidate and os.path.isfile(candidate + ".json"):
+            with open(candidate + ".json", encoding="utf-8") as f:
+                model = json.load(f).get("model", {})
+            return {k: model[k] for k in ("bn_epsilon", "pool_padding") if k in model}
+    return {}

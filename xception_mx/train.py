@@ -22,6 +22,7 @@ from mxnet import autograd, gluon
 
 from . import checkpoint as ckpt
 from . import data
+from . import finetune
 from .config import ConfigError, dump_yaml, load_yaml, resolve, wants_serial_engine
 from .distributed import Cluster, create_cluster
 from .metrics import Accumulator, append_jsonl, plot_curves, read_jsonl, truncate_jsonl
@@ -147,6 +148,8 @@ def resume_point(config: dict) -> ResumePoint | None:
 def _build_net(config: dict) -> Xception:
     overrides = dict(num_classes=config["num_classes"], dropout=config["dropout"],
                      bn_momentum=config["bn_momentum"], bn_epsilon=config["bn_epsilon"])
+    if config["pretrained"]:  # converted Keras weights need Keras's pooling and BN epsilon
+        overrides.update(finetune.model_overrides(config["pretrained"]))
     if config["filter_list"] is not None:
         overrides["filter_list"] = tuple(config["filter_list"])
     try:
@@ -299,6 +302,10 @@ def train(config: dict) -> dict:
         for name, p in named.items():
             if name.endswith((".gamma", ".beta", ".bias")):
                 p.wd_mult = 0.0
+    if config["pretrained"] and point is None:  # a resume takes every weight from its checkpoint instead
+        loaded = finetune.load_backbone(named, finetune.read_weights(config["pretrained"]))
+        log.info("fine-tuning: %d feature parameters from %s, a new %d-way classifier", loaded,
+                 config["pretrained"], config["num_classes"])
 
     batches_per_epoch = data.num_train_batches(shards.train, local_batch, num_parts=num_workers)
     if batches_per_epoch < 1:
@@ -374,6 +381,8 @@ def train(config: dict) -> dict:
     record = None
     with _StopFlag() as stop:
         for epoch in range(start_epoch + 1, config["num_epochs"] + 1):
+            frozen = epoch <= config["freeze_features_epochs"]
+            finetune.set_features_lr_mult(named, 0.0 if frozen else config["features_lr_mult"])
             record, in_progress = _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards,
                                                batches_per_epoch, stop, cluster, local_batch, progress)
             progress = None
