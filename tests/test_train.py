@@ -228,6 +228,7 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_p
     ("missing_checkpoint", "epochs that exist: none"),
     ("label_out_of_range", "outside 0..1"),
     ("existing_run", "already holds checkpoints (epochs 1..1): pass --resume"),
+    ("corrupt_record", "record 5 (byte"),  # MXNet's reader would abort the process mid-epoch instead
 ])
 def test_bad_input_is_one_clear_line(case, fragment, colour_shards, tmp_path):
     out = tmp_path / "run"
@@ -257,6 +258,15 @@ def test_bad_input_is_one_clear_line(case, fragment, colour_shards, tmp_path):
         args += ["--cpus", "3"]
     elif case == "missing_checkpoint":
         args += ["--resume", "3"]
+    elif case == "corrupt_record":
+        broken = tmp_path / "broken"
+        shutil.copytree(colour_shards, broken)
+        offsets = [int(line.split()[1]) for line in (broken / "train-00001-of-00002.idx").read_text().split("\n")
+                   if line.strip()]
+        with open(broken / "train-00001-of-00002.rec", "r+b") as f:
+            f.seek(offsets[5])
+            f.write(b"\xde\xad\xbe\xef" * 2)
+        args[1] = str(broken / "train")
     elif case == "label_out_of_range":
         args[args.index("--num-classes") + 1] = "2"
     out.mkdir()

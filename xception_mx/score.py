@@ -118,6 +118,7 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
     from .train import evaluate
 
     shards = data.find_shards(rec)
+    data.check_records(shards)
     net = load_exported(prefix, epoch, ctx)
     num_classes = _probe(net, data_shape, ctx[0])
     total = data.count_records(shards)

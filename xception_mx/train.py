@@ -88,9 +88,12 @@ def _find_shards(config: dict) -> _Shards:
         return os.path.join(config["data_dir"], kind)
 
     try:
-        return _Shards(data.find_shards(spec("train")), data.find_shards(spec("val")))
+        shards = _Shards(data.find_shards(spec("train")), data.find_shards(spec("val")))
     except data.DataError as exc:
         raise ConfigError(str(exc)) from None
+    checked = data.check_records(shards.train + shards.val)
+    log.info("checked the headers of %d records in %d shards", checked, len(shards.train) + len(shards.val))
+    return shards
 
 
 def build_config(argv: list[str] | None = None) -> dict:
@@ -530,8 +533,9 @@ def _train_epoch(config, epoch, net, named, trainer, ema, loss_fn, ctx, shards, 
                 mix_rng.beta(config["mixup"], config["mixup"])
             continue
         x = batch.data[0]
-        y = batch.label[0].asnumpy().astype(np.int64)
-        _check_labels(y, config["num_classes"])
+        labels = batch.label[0].asnumpy()
+        data.check_labels(labels, config["num_classes"])
+        y = labels.astype(np.int64)
         target = mx.nd.array(y)
         if dense:
             x, target = _mix_batch(x, y, config["num_classes"], config["mixup"], config["label_smoothing"], mix_rng)
@@ -586,13 +590,6 @@ def train_step(net, trainer: gluon.Trainer, loss_fn, x: mx.nd.NDArray, target: m
     return outputs, losses
 
 
-def _check_labels(y: np.ndarray, num_classes: int) -> None:
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
-        bad = int(y.max() if y.max() >= num_classes else y.min())
-        raise data.DataError(f"the data has label {bad}, outside 0..{num_classes - 1}: "
-                             f"set --num-classes to the number of classes in the shards")
-
-
 def _validate(config, net, ctx, val_shards, cluster: Cluster, local_batch: int) -> dict:
     """Each worker scores its part of the validation shards; the counts are summed over the workers."""
     size = config["input_size"]
@@ -613,9 +610,10 @@ def evaluate(net, val_data, ctx, num_classes: int, dtype: str = "float32", on_ba
     acc = Accumulator()
     for batch in val_data:
         x = batch.data[0]
-        y = batch.label[0].asnumpy().astype(np.int64)
+        labels = batch.label[0].asnumpy()
         valid = x.shape[0] - (batch.pad or 0)
-        _check_labels(y[:valid], num_classes)
+        data.check_labels(labels[:valid], num_classes)
+        y = labels.astype(np.int64)
         if dtype != "float32":
             x = x.astype(dtype)
         xs = gluon.utils.split_and_load(x, ctx, even_split=False)
