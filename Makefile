@@ -7,11 +7,11 @@ STAMP := $(VENV)/.xception_mx-installed
 # torch + timm + keras for the weight-parity tests: they break `import gluoncv`, so they live in their own venv.
 REF_VENV ?= .venv-ref
 
-.PHONY: venv ref-venv test demo bench clean
+.PHONY: venv ref-venv lint test test-fast demo bench clean
 
 venv: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "xception_mx needs Python 3.11 (mxnet 1.9.1 wheels): run make PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools<70' wheel
@@ -21,12 +21,22 @@ $(STAMP): setup.py
 ref-venv:
 	bash scripts/setup_ref_venv.sh $(PYTHON) $(REF_VENV)
 
-test: venv ref-venv
+lint: venv
+	$(BIN)/python -m ruff check .
+
+# The whole suite, lint first: a lint failure stops it before the Horovod build and the parity venv.
+test: venv
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory ref-venv
 	bash scripts/install_horovod.sh $(BIN)/python
 	XCEPTION_MX_REF_PYTHON=$(REF_VENV)/bin/python $(BIN)/python -m pytest -q tests
+
+# Lint and the tests that need neither Horovod nor the reference venv and take under ~20 s each (markers: pyproject.toml).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not parity" tests
 
 demo: venv
 	bash scripts/demo.sh
 
 clean:
-	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache runs demo_data
+	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache .ruff_cache build dist runs demo_data

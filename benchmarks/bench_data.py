@@ -70,7 +70,8 @@ class _Concat(mx.gluon.data.Dataset):
 
 
 def gluon_loader(rec_paths, batch_size: int, workers: int):
-    from mxnet.gluon.data.vision import ImageRecordDataset, transforms as T
+    from mxnet.gluon.data.vision import ImageRecordDataset
+    from mxnet.gluon.data.vision import transforms as T
 
     augment = T.Compose([T.RandomResizedCrop(SIZE, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), T.RandomFlipLeftRight(),
                          T.ToTensor(), T.Normalize(0.5, 0.5)])  # same crop, flip and [-1, 1] scaling as train_iter

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from typing import Sequence
+from collections.abc import Sequence
 
 from .errors import ToolError
 from .listing import label_entries, split_stratified, write_classes, write_lst

@@ -11,8 +11,8 @@ import csv
 import math
 import os
 import random
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from .errors import ToolError
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
 
 from .errors import ToolError
 from .images import ImageDecodeError, prepare_jpeg

@@ -94,8 +94,8 @@ def verify_shard(rec_path: str, decode: bool = False, progress: bool = False) ->
     size = os.path.getsize(rec_path)
     expected_start = 0
     with open(rec_path, "rb") as f:
-        for i, (line_no, key, offset) in enumerate(tqdm(entries, desc=os.path.basename(rec_path), unit="rec",
-                                                        disable=not progress, file=sys.stderr, leave=False)):
+        for i, (_line_no, key, offset) in enumerate(tqdm(entries, desc=os.path.basename(rec_path), unit="rec",
+                                                         disable=not progress, file=sys.stderr, leave=False)):
             where = f"index {i} (key {key}, byte {offset})"
             if offset != expected_start:
                 gap = (f"{offset - expected_start} bytes before it are not covered by the .idx"
