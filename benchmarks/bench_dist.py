@@ -31,7 +31,7 @@ def worker(args) -> None:
 
     from xception_mx.distributed import create_cluster
     from xception_mx.model import get_model
-    from xception_mx.train import train_step
+    from xception_mx.step import train_step
 
     cluster = create_cluster(args.kv_store, 1)
     local = cluster.local_batch(args.batch_size, 1)

@@ -4,6 +4,3 @@ Commands (``python -m im2rec_tools <command> --help``): ``make-list``, ``pack``,
 The on-disk format is MXNet's: ``.lst`` image lists, ``.rec`` RecordIO shards named ``PREFIX-00000-of-00004.rec``
 with an ``.idx`` beside each. Importing this package is cheap: heavy modules load only when a command runs.
 """
-__all__ = ["ToolError"]
-
-from .errors import ToolError

@@ -10,16 +10,13 @@ import os
 import sys
 from collections.abc import Sequence
 
-from .errors import ToolError
+from xception_mx.console import OneLineParser, run_cli
+from xception_mx.errors import UserError
 
 PROG = "im2rec-tools"
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises ToolError (one line) instead of printing usage and exiting."""
-
-    def error(self, message: str):
-        raise ToolError(f"{message} (see `{self.prog} --help`)")
+_Parser = OneLineParser
 
 
 def _int_at_least(minimum: int):
@@ -139,13 +136,9 @@ def _run_pack(args) -> int:
 
 
 def _run_verify(args) -> int:
-    from .shards import ShardError
     from .verify import format_report, verify
 
-    try:
-        reports, problems = verify(args.spec, args.decode, args.workers)
-    except ShardError as e:
-        raise ToolError(str(e)) from None
+    reports, problems = verify(args.spec, args.decode, args.workers)
     text, ok = format_report(reports, problems, args.decode)
     print(text)
     return 0 if ok else 1
@@ -165,24 +158,19 @@ _COMMANDS = {"make-list": _run_make_list, "pack": _run_pack, "verify": _run_veri
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (bad input: one line on stderr, code 2)."""
-    command = "?"
-    try:
-        args = build_parser().parse_args(argv)
-        command = args.command
-        if command is None:
-            raise ToolError(f"choose a command: {', '.join(_COMMANDS)} (see `{PROG} --help`)")
-        return _COMMANDS[command](args)
-    except ToolError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:
-        where = f" {e.filename}" if e.filename else ""
-        print(f"{PROG} {command}: error:{where}: {e.strerror or e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"{PROG} {command}: interrupted; complete outputs are kept, rerun the same command to finish",
-              file=sys.stderr)
-        return 130
+    parsed = []
+
+    def parse() -> None:
+        parsed.append(build_parser().parse_args(argv))
+        if parsed[0].command is None:
+            raise UserError(f"choose a command: {', '.join(_COMMANDS)} (see `{PROG} --help`)")
+
+    code = run_cli(PROG, parse)
+    if code:
+        return code
+    args = parsed[0]
+    return run_cli(f"{PROG} {args.command}", lambda: _COMMANDS[args.command](args),
+                   interrupted_hint="complete outputs are kept, rerun the same command to finish")
 
 
 if __name__ == "__main__":

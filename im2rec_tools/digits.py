@@ -12,7 +12,8 @@ import re
 import shutil
 from collections.abc import Sequence
 
-from .errors import ToolError
+from xception_mx.errors import UserError
+
 from .listing import label_entries, split_stratified, write_classes, write_lst
 from .packing import PackResult, pack
 
@@ -23,13 +24,13 @@ _OWN_SHARD = re.compile(r"^(train|val)-\d{5}-of-\d{5}\.(rec|idx)$|^(train|val)-s
 
 
 def parse_digits(text: str) -> list[int]:
-    """``"5,6,7"`` -> [5, 6, 7]; ToolError unless distinct digits 0..9."""
+    """``"5,6,7"`` -> [5, 6, 7]; UserError unless distinct digits 0..9."""
     try:
         digits = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         digits = []
     if not digits or any(not 0 <= d <= 9 for d in digits) or len(set(digits)) != len(digits):
-        raise ToolError(f"--digits must be distinct digits 0-9 separated by commas, got {text!r}")
+        raise UserError(f"--digits must be distinct digits 0-9 separated by commas, got {text!r}")
     return digits
 
 
@@ -39,7 +40,7 @@ def _write_images(images_dir: str, digits: Sequence[int], size: int) -> list[tup
     from sklearn.datasets import load_digits
 
     if os.path.exists(images_dir) and not os.path.isfile(os.path.join(images_dir, IMAGES_MARKER)):
-        raise ToolError(f"{images_dir} exists and was not written by demo-digits: choose another OUT_DIR")
+        raise UserError(f"{images_dir} exists and was not written by demo-digits: choose another OUT_DIR")
     scans = load_digits()
     tmp_dir = images_dir + ".tmp"
     shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -64,9 +65,9 @@ def make_demo_digits(out_dir: str, size: int = 80, digits: Sequence[int] = tuple
                      progress: bool = True) -> dict[str, object]:
     """Write the demo data set; returns {"images": n, "train": PackResult, "val": PackResult, "classes": path}."""
     if not 8 <= size <= 1024:
-        raise ToolError(f"--size must be between 8 and 1024 pixels, got {size}")
+        raise UserError(f"--size must be between 8 and 1024 pixels, got {size}")
     if shards < 1:
-        raise ToolError(f"--shards must be at least 1, got {shards}")
+        raise UserError(f"--shards must be at least 1, got {shards}")
     os.makedirs(out_dir, exist_ok=True)
     images_dir = os.path.join(out_dir, "images")
     items = _write_images(images_dir, digits, size)

@@ -14,7 +14,8 @@ import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from .errors import ToolError
+from xception_mx.errors import UserError
+from xception_mx.fileio import atomic_path, atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -47,9 +48,9 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
     loose = [e.name for e in os.scandir(root) if e.is_file() and is_image_name(e.name)]
     if not classes:
         if loose:
-            raise ToolError(f"{root} holds images but no class sub-folders: for a flat folder give "
+            raise UserError(f"{root} holds images but no class sub-folders: for a flat folder give "
                             f"--labels FILE.csv with 'relative_path,class_name' rows")
-        raise ToolError(f"{root} is empty: expected one sub-folder of images per class")
+        raise UserError(f"{root} is empty: expected one sub-folder of images per class")
     if loose:
         notes.append(f"ignored {len(loose)} images directly in {root} (not inside a class folder)")
     items = []
@@ -63,7 +64,7 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
             notes.append(f"class folder {name!r} has no images")
         items.extend((path, name) for path in found)
     if not items:
-        raise ToolError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, any case) in the class folders "
+        raise UserError(f"no images ({'/'.join(e[1:] for e in IMAGE_EXTENSIONS)}, any case) in the class folders "
                         f"of {root}")
     return classes, items, notes
 
@@ -71,27 +72,27 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
 def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
     """[(relative path, class name)] from ``relative_path,class_name`` rows; a header row is allowed."""
     if not os.path.isfile(csv_path):
-        raise ToolError(f"labels file {csv_path} does not exist")
+        raise UserError(f"labels file {csv_path} does not exist")
     items, seen = [], set()
     with open(csv_path, newline="", encoding="utf-8-sig") as f:
         for row_no, row in enumerate(csv.reader(f), 1):
             if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
                 continue
             if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise ToolError(f"{csv_path} row {row_no} is not 'relative_path,class_name': {','.join(row)[:80]!r}")
+                raise UserError(f"{csv_path} row {row_no} is not 'relative_path,class_name': {','.join(row)[:80]!r}")
             path, name = os.path.normpath(row[0].strip()), row[1].strip()
             if not items and not is_image_name(os.path.basename(path)) \
                     and not os.path.isfile(os.path.join(root, path)):
                 continue  # header row
             if path in seen:
-                raise ToolError(f"{csv_path} row {row_no} lists {path} a second time")
+                raise UserError(f"{csv_path} row {row_no} lists {path} a second time")
             seen.add(path)
             items.append((path, name))
     if not items:
-        raise ToolError(f"labels file {csv_path} has no rows")
+        raise UserError(f"labels file {csv_path} has no rows")
     missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, p))]
     if missing:
-        raise ToolError(f"{len(missing)} files listed in {csv_path} are not under {root} (first: {missing[0]}): "
+        raise UserError(f"{len(missing)} files listed in {csv_path} are not under {root} (first: {missing[0]}): "
                         f"check the image folder")
     return items
 
@@ -99,7 +100,7 @@ def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
 def read_classes(path: str) -> list[str]:
     """Class names in label order from a ``classes.txt`` (``label<TAB>name`` lines, labels 0..K-1)."""
     if not os.path.isfile(path):
-        raise ToolError(f"classes file {path} does not exist")
+        raise UserError(f"classes file {path} does not exist")
     names = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -107,10 +108,10 @@ def read_classes(path: str) -> list[str]:
                 continue
             label, _, name = line.rstrip("\n").partition("\t")
             if not label.strip().isdigit() or int(label) != len(names) or not name:
-                raise ToolError(f"{path} line {line_no} should be '{len(names)}<TAB>class name', got {line.strip()!r}")
+                raise UserError(f"{path} line {line_no} should be '{len(names)}<TAB>class name', got {line.strip()!r}")
             names.append(name)
     if not names:
-        raise ToolError(f"classes file {path} is empty")
+        raise UserError(f"classes file {path} is empty")
     return names
 
 
@@ -119,10 +120,10 @@ def label_entries(items: Sequence[tuple[str, str]], class_names: Sequence[str], 
     label_of = {name: i for i, name in enumerate(class_names)}
     unknown = sorted({name for _, name in items if name not in label_of})
     if unknown:
-        raise ToolError(f"{len(unknown)} classes in {source} are not in the class table (first: {unknown[0]!r})")
+        raise UserError(f"{len(unknown)} classes in {source} are not in the class table (first: {unknown[0]!r})")
     for path, _ in items:
         if "\t" in path or "\n" in path:
-            raise ToolError(f"{path!r}: a tab or newline in a file name cannot go into a .lst file; rename it")
+            raise UserError(f"{path!r}: a tab or newline in a file name cannot go into a .lst file; rename it")
     return [ListEntry(i, label_of[name], path) for i, (path, name) in enumerate(sorted(items))]
 
 
@@ -153,25 +154,21 @@ def write_lst(path: str, entries: Sequence[ListEntry]) -> None:
     """Write a ``.lst`` atomically (MXNet's ``im2rec.write_list`` into a temporary file, then rename)."""
     from mxnet.tools.im2rec import write_list
 
-    tmp = f"{path}.tmp"
-    write_list(tmp, [(e.index, e.path, e.label) for e in entries])
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        write_list(tmp, [(e.index, e.path, e.label) for e in entries])
 
 
 def write_classes(path: str, class_names: Sequence[str]) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(f"{i}\t{name}\n" for i, name in enumerate(class_names))
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(f"{i}\t{name}\n" for i, name in enumerate(class_names)))
 
 
 def read_lst(path: str) -> list[ListEntry]:
-    """Entries of a ``.lst`` file; ToolError on the first malformed line.
+    """Entries of a ``.lst`` file; UserError on the first malformed line.
 
     Hand-written: ``im2rec.read_list`` prints and skips malformed lines, which would silently drop images.
     """
     if not os.path.isfile(path):
-        raise ToolError(f"image list {path} does not exist (make one with `im2rec-tools make-list`)")
+        raise UserError(f"image list {path} does not exist (make one with `im2rec-tools make-list`)")
     entries, seen = [], set()
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
@@ -185,21 +182,21 @@ def read_lst(path: str) -> list[ListEntry]:
                 if not rel or not math.isfinite(label) or label < 0 or label != int(label):
                     raise ValueError
             except ValueError:
-                raise ToolError(f"{path} line {line_no} is not 'index<TAB>class label<TAB>path' with a whole "
+                raise UserError(f"{path} line {line_no} is not 'index<TAB>class label<TAB>path' with a whole "
                                 f"non-negative label: {line.strip()[:80]!r}") from None
             if index in seen:
-                raise ToolError(f"{path} line {line_no} repeats index {index}: indices must be unique")
+                raise UserError(f"{path} line {line_no} repeats index {index}: indices must be unique")
             seen.add(index)
             entries.append(ListEntry(index, int(label), rel))
     if not entries:
-        raise ToolError(f"image list {path} is empty")
+        raise UserError(f"image list {path} is empty")
     return entries
 
 
 def check_out_prefix(out_prefix: str) -> None:
-    """ToolError unless ``out_prefix`` ends in a file name part (``data/train``, not ``data/``)."""
+    """UserError unless ``out_prefix`` ends in a file name part (``data/train``, not ``data/``)."""
     if not os.path.basename(out_prefix):
-        raise ToolError(f"OUT_PREFIX {out_prefix!r} ends with a folder separator: give a name prefix such as "
+        raise UserError(f"OUT_PREFIX {out_prefix!r} ends with a folder separator: give a name prefix such as "
                         f"{os.path.join(out_prefix, 'train')}")
 
 
@@ -215,10 +212,10 @@ def make_lists(image_root: str, out_prefix: str, val_ratio: float = 0.1, seed: i
                labels_csv: str | None = None, classes_file: str | None = None) -> tuple[dict[str, list], list[str]]:
     """Scan ``image_root`` and write the lists; returns ({output path: entries or class names}, notes)."""
     if not 0 <= val_ratio < 1:
-        raise ToolError(f"--val-ratio must be in [0, 1), got {val_ratio}")
+        raise UserError(f"--val-ratio must be in [0, 1), got {val_ratio}")
     check_out_prefix(out_prefix)
     if not os.path.isdir(image_root):
-        raise ToolError(f"image folder {image_root} does not exist")
+        raise UserError(f"image folder {image_root} does not exist")
     if labels_csv:
         items, notes = read_labels_csv(image_root, labels_csv), []
         found_classes = sort_class_names(name for _, name in items)

@@ -15,7 +15,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ToolError
+from xception_mx.errors import UserError
+from xception_mx.fileio import atomic_paths, atomic_write_text
+
 from .images import ImageDecodeError, prepare_jpeg
 from .listing import ListEntry, check_out_prefix, read_lst
 from .shards import idx_path_for, shard_path
@@ -56,14 +58,6 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)  # parallelism comes from the processes
 
 
-def _fsync_path(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def shard_ranges(n_items: int, n_shards: int) -> list[range]:
     """Contiguous, near-equal (sizes differ by at most 1) ranges of list positions, one per shard."""
     return [range(s * n_items // n_shards, (s + 1) * n_items // n_shards) for s in range(n_shards)]
@@ -78,33 +72,23 @@ def _write_shard(rec_path: str, shard: int, entries: Sequence[ListEntry],
     import mxnet as mx
 
     idx_path = idx_path_for(rec_path)
-    tmp_rec, tmp_idx = rec_path + ".tmp", idx_path + ".tmp"
     if os.path.exists(idx_path):
         os.remove(idx_path)  # the .idx marks a complete shard: drop it before the .rec is replaced
-    writer = mx.recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
     outcome = ShardOutcome(rec_path, 0, True)
-    try:
-        for entry, (index, jpeg, reason) in zip(entries, results):
-            assert index == entry.index
-            if jpeg is None:
-                outcome.skipped.append((shard, entry.index, entry.path, reason))
-            else:
-                header = mx.recordio.IRHeader(0, float(entry.label), entry.index, 0)
-                writer.write_idx(entry.index, mx.recordio.pack(header, jpeg))
-                outcome.records += 1
-            progress.update(1)
-        writer.close()
-        for path in (tmp_rec, tmp_idx):
-            _fsync_path(path)
-        os.replace(tmp_rec, rec_path)
-        os.replace(tmp_idx, idx_path)
-        _fsync_path(os.path.dirname(os.path.abspath(rec_path)))
-    except BaseException:
-        writer.close()
-        for path in (tmp_rec, tmp_idx):
-            if os.path.exists(path):
-                os.remove(path)
-        raise
+    with atomic_paths(rec_path, idx_path) as (tmp_rec, tmp_idx):  # renamed .rec first, then .idx
+        writer = mx.recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
+        try:
+            for entry, (index, jpeg, reason) in zip(entries, results):
+                assert index == entry.index
+                if jpeg is None:
+                    outcome.skipped.append((shard, entry.index, entry.path, reason))
+                else:
+                    header = mx.recordio.IRHeader(0, float(entry.label), entry.index, 0)
+                    writer.write_idx(entry.index, mx.recordio.pack(header, jpeg))
+                    outcome.records += 1
+                progress.update(1)
+        finally:
+            writer.close()
     return outcome
 
 
@@ -132,11 +116,7 @@ def _write_skipped(path: str, rows: list[tuple[int, int, str, str]]) -> str | No
         if os.path.isfile(path):
             os.remove(path)
         return None
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(SKIPPED_HEADER)
-        f.writelines(f"{s}\t{i}\t{p}\t{r}\n" for s, i, p, r in sorted(rows))
-    os.replace(tmp, path)
+    atomic_write_text(path, SKIPPED_HEADER + "".join(f"{s}\t{i}\t{p}\t{r}\n" for s, i, p, r in sorted(rows)))
     return path
 
 
@@ -146,16 +126,16 @@ def pack(lst_path: str, out_prefix: str, image_root: str, shards: int = 1, resiz
     from tqdm import tqdm
 
     if shards < 1 or workers < 1 or resize < 0 or not 1 <= quality <= 100:
-        raise ToolError("need --shards >= 1, --workers >= 1, --resize >= 0 and --quality in 1..100")
+        raise UserError("need --shards >= 1, --workers >= 1, --resize >= 0 and --quality in 1..100")
     if not os.path.isdir(image_root):
-        raise ToolError(f"image folder {image_root} does not exist (--image-root)")
+        raise UserError(f"image folder {image_root} does not exist (--image-root)")
     check_out_prefix(out_prefix)
     entries = read_lst(lst_path)
     if shards > len(entries):
-        raise ToolError(f"--shards {shards} is more than the {len(entries)} images in {lst_path}")
+        raise UserError(f"--shards {shards} is more than the {len(entries)} images in {lst_path}")
     paths = [os.path.join(image_root, e.path) for e in entries]
     if not any(os.path.isfile(p) for p in paths):
-        raise ToolError(f"none of the {len(entries)} files in {lst_path} exist under {image_root}: "
+        raise UserError(f"none of the {len(entries)} files in {lst_path} exist under {image_root}: "
                         f"wrong --image-root?")
     out_dir = os.path.dirname(out_prefix)
     if out_dir:

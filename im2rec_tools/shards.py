@@ -15,13 +15,12 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from xception_mx.errors import UserError
+from xception_mx.fileio import atomic_write_text
+
 from .recordfile import RecordError, read_record
 
 SHARD_PATTERN = re.compile(r"^(?P<base>.+)-(?P<index>\d{5})-of-(?P<count>\d{5})\.rec$")
-
-
-class ShardError(ValueError):
-    """A shard spec that matches nothing, or a shard or index that cannot be used; the message says which file."""
 
 
 def shard_path(prefix: str, index: int, count: int, ext: str = "rec") -> str:
@@ -69,35 +68,35 @@ def _resolve_one(part: str) -> tuple[list[str], list[str]]:
     if glob.has_magic(part):
         matched = sorted(p for p in glob.glob(part) if p.endswith(".rec") and os.path.isfile(p))
         if not matched:
-            raise ShardError(f"no .rec files match {part!r}")
+            raise UserError(f"no .rec files match {part!r}")
         return matched, _missing_siblings(matched, lambda c: fnmatch.fnmatchcase(c, part))
     if part.endswith(".rec"):
         if not os.path.isfile(part):
-            raise ShardError(f"shard file {part} does not exist")
+            raise UserError(f"shard file {part} does not exist")
         return [part], []
     if os.path.isdir(part):
-        raise ShardError(f"{part} is a folder: give a shard prefix such as {os.path.join(part, 'train')}")
+        raise UserError(f"{part} is a folder: give a shard prefix such as {os.path.join(part, 'train')}")
     folder = os.path.dirname(part) or "."
     if not os.path.isdir(folder):
-        raise ShardError(f"folder {folder} does not exist (shard prefix {part!r})")
+        raise UserError(f"folder {folder} does not exist (shard prefix {part!r})")
     own = re.compile(re.escape(os.path.basename(part)) + r"-\d{5}-of-\d{5}\.rec$")
     matched = sorted(os.path.join(os.path.dirname(part), name) for name in os.listdir(folder) if own.match(name))
     if matched:
         return matched, _missing_siblings(matched, lambda c: True)
     if os.path.isfile(part + ".rec"):
         return [part + ".rec"], []
-    raise ShardError(f"no shards for prefix {part!r}: looked for {part}-NNNNN-of-NNNNN.rec and {part}.rec")
+    raise UserError(f"no shards for prefix {part!r}: looked for {part}-NNNNN-of-NNNNN.rec and {part}.rec")
 
 
 def lookup_shards(spec: str) -> ShardLookup:
     """Resolve a shard spec: a prefix, a glob, a ``.rec`` path, or a ``;``-separated list of those.
 
-    Raises ShardError when a part matches nothing; holes in a numbered set, mixed sets and ``.rec`` files without
+    Raises UserError when a part matches nothing; holes in a numbered set, mixed sets and ``.rec`` files without
     their ``.idx`` come back as ``problems`` so that ``verify`` can list them all.
     """
     parts = [p.strip() for p in str(spec).split(";") if p.strip()]
     if not parts:
-        raise ShardError("empty shard spec: give a shard prefix such as data/train, a glob or a .rec path")
+        raise UserError("empty shard spec: give a shard prefix such as data/train, a glob or a .rec path")
     found: list[str] = []
     problems: list[str] = []
     for part in parts:
@@ -124,7 +123,7 @@ def _stat_key(*paths: str) -> tuple:
 
 
 def read_offsets(rec_path: str) -> list[int]:
-    """Record offsets listed in ``rec_path``'s ``.idx``, ascending; ShardError if the index is unusable.
+    """Record offsets listed in ``rec_path``'s ``.idx``, ascending; UserError if the index is unusable.
 
     Checks what is cheap at every start: well-formed lines, no duplicate offsets, the first record at byte 0 and the
     last record ending exactly at the end of the ``.rec`` (so a truncated or half-copied shard is refused).
@@ -134,7 +133,7 @@ def read_offsets(rec_path: str) -> list[int]:
     try:
         key = _stat_key(rec_path, idx_path)
     except FileNotFoundError as e:
-        raise ShardError(f"{e.filename} does not exist") from None
+        raise UserError(f"{e.filename} does not exist") from None
     if key in _INDEX_CACHE:
         return _INDEX_CACHE[key]
     offsets = []
@@ -148,25 +147,25 @@ def read_offsets(rec_path: str) -> list[int]:
                     raise ValueError
                 offsets.append(int(fields[1]))
             except ValueError:
-                raise ShardError(f"{idx_path} line {line_no} is not 'key<TAB>offset': {line.strip()[:60]!r}") from None
+                raise UserError(f"{idx_path} line {line_no} is not 'key<TAB>offset': {line.strip()[:60]!r}") from None
     offsets.sort()
     rec_size = key[0][1]
     if offsets:
         if len(set(offsets)) != len(offsets):
-            raise ShardError(f"{idx_path} lists the same record offset twice: run `im2rec-tools verify` on it")
+            raise UserError(f"{idx_path} lists the same record offset twice: run `im2rec-tools verify` on it")
         if offsets[0] != 0:
-            raise ShardError(f"{idx_path} does not start at byte 0 of {os.path.basename(rec_path)}: "
+            raise UserError(f"{idx_path} does not start at byte 0 of {os.path.basename(rec_path)}: "
                              f"run `im2rec-tools verify` on it")
         try:
             with open(rec_path, "rb") as f:
                 _, end = read_record(f, offsets[-1], rec_size)
         except RecordError as e:
-            raise ShardError(f"{rec_path}: last indexed record is damaged ({e}); rebuild this shard") from None
+            raise UserError(f"{rec_path}: last indexed record is damaged ({e}); rebuild this shard") from None
         if end != rec_size:
-            raise ShardError(f"{rec_path} has {rec_size - end} bytes after its last indexed record: the .idx does "
+            raise UserError(f"{rec_path} has {rec_size - end} bytes after its last indexed record: the .idx does "
                              f"not match the .rec; rebuild this shard")
     elif rec_size:
-        raise ShardError(f"{idx_path} is empty but {os.path.basename(rec_path)} is not: rebuild this shard")
+        raise UserError(f"{idx_path} is empty but {os.path.basename(rec_path)} is not: rebuild this shard")
     _INDEX_CACHE[key] = offsets
     return offsets
 
@@ -190,7 +189,7 @@ def merged_index(rec_paths: list[str], cache_dir: str | None = None) -> tuple[li
         lines.extend(f"{start + i}\t{base + off}\n" for i, off in enumerate(offsets))
         base += os.path.getsize(rec)
     if not used:
-        raise ShardError("the shards hold no records: " + ", ".join(os.path.basename(p) for p in rec_paths))
+        raise UserError("the shards hold no records: " + ", ".join(os.path.basename(p) for p in rec_paths))
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), f"im2rec_tools-{os.getuid()}")
     os.makedirs(cache_dir, exist_ok=True)
     digest = hashlib.sha1(repr(_stat_key(*used, *map(idx_path_for, used))).encode()).hexdigest()[:20]
@@ -198,10 +197,8 @@ def merged_index(rec_paths: list[str], cache_dir: str | None = None) -> tuple[li
     if os.path.isfile(path):
         os.utime(path)  # in use: keep it out of the pruning below
     else:
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="ascii") as f:
-            f.writelines(lines)
-        os.replace(tmp, path)  # atomic: processes of one distributed job may race to write the same file
+        # Atomic: processes of one distributed job may race to write the same file (the same content).
+        atomic_write_text(path, "".join(lines))
         _prune(cache_dir, keep=path)
     return used, path
 

@@ -19,7 +19,6 @@ def tiny_filters():
 
 def write_colour_shards(folder, prefix, counts_per_shard, num_classes=4, size=80, seed=0):
     """Tiny learnable shards: class k is a noisy image of colour k. Returns the labels written, in order."""
-    import cv2
     import mxnet as mx
     import numpy as np
 
@@ -53,64 +52,37 @@ def colour_shards(tmp_path_factory):
     return folder
 
 
-# ---------------------------------------------------------------------------------------------------------- markers
-# slow / distributed / parity are registered in pyproject.toml and applied here, by module and test name, so that the
-# test files carry no marks. `make test-fast` deselects all three.
+def timm_state(net) -> dict:
+    """Our parameters under timm's names (gamma/beta -> weight/bias), as a timm state dict would hold them."""
+    import numpy as np
 
-#: Every test that trains: calls ``train(...)``, runs train_xception.py in a subprocess, or trains under the launcher
-#: (each over ~20 s on 2 cores). fnmatch patterns on the test function's name (parametrized cases share it).
-SLOW_TESTS = {
-    "test_train.py": [
-        "test_loss_decreases_and_files_are_written",
-        "test_resume_is_bit_exact",
-        "test_retrain_starts_at_the_new_lr_and_loads_weights",
-        "test_model_load_epoch_without_retrain_is_resume",
-        "test_resume_on_fewer_devices_keeps_the_schedule",
-        "test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_epoch",
-        "test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes",
-        "test_bad_input_is_one_clear_line",  # 13 cases, each a train_xception.py process
-    ],
-    "test_train_safety.py": ["test_*"],  # every test runs train_xception.py
-    "test_finetune.py": ["test_*"],  # every test uses the module's `pretrained` training run
-    "test_score.py": ["test_scoring_a_trained_export_reproduces_the_trainers_validation"],
-    "test_distributed.py": [
-        "test_cli_dist_sync_run_resume_and_single_process_resume",
-        "test_a_killed_worker_stops_the_job",
-        "test_sigint_stops_every_worker_at_the_same_step_and_resumes",
-        "test_cli_horovod_run_matches_across_ranks",
-        "test_trainer_refuses_a_distributed_store_it_cannot_run",
-    ],
-}
-#: Every test of these modules: multi-process kvstore / Horovod runs through xception_mx.launch.
-DISTRIBUTED_MODULES = {"test_distributed.py"}
-#: In these modules, the tests that use this fixture: it runs tests/reference/*.py with XCEPTION_MX_REF_PYTHON.
-PARITY_FIXTURE = {"test_convert.py": "reference"}
+    state = {}
+    for name, param in net._collect_params_with_prefix().items():
+        key = name[len("features."):] if name.startswith("features.") else name
+        module, _, leaf = key.rpartition(".")
+        leaf = {"gamma": "weight", "beta": "bias"}.get(leaf, leaf)
+        state[f"{module}.{leaf}"] = param.data().asnumpy()
+        if leaf == "running_var":
+            state[f"{module}.num_batches_tracked"] = np.array(7, dtype=np.int64)
+    return state
 
 
-@pytest.hookimpl(tryfirst=True)  # before -m deselects
-def pytest_collection_modifyitems(config, items):
-    import fnmatch
-    import warnings
+@pytest.fixture
+def tiny_timm(tmp_path, tiny_filters):
+    """A timm-layout .safetensors of a small random Xception (non-trivial BN statistics) and that network."""
+    import mxnet as mx
+    from safetensors.numpy import save_file
 
-    modules = {}
-    for item in items:
-        module = item.path.name
-        modules.setdefault(module, getattr(item, "module", None))
-        name = getattr(item, "originalname", item.name)
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in SLOW_TESTS.get(module, ())):
-            item.add_marker(pytest.mark.slow)
-        if module in DISTRIBUTED_MODULES:
-            item.add_marker(pytest.mark.distributed)
-        if module in PARITY_FIXTURE and PARITY_FIXTURE[module] in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.parity)
-    # A renamed test or fixture must not silently lose its marker: check the lists against the modules' contents.
-    for module, mod in modules.items():
-        if mod is None:
-            continue
-        tests = [n for n in vars(mod) if n.startswith("test")]
-        stale = [p for p in SLOW_TESTS.get(module, ()) if not fnmatch.filter(tests, p)]
-        if module in PARITY_FIXTURE and not hasattr(mod, PARITY_FIXTURE[module]):
-            stale.append(f"fixture {PARITY_FIXTURE[module]!r}")
-        if stale:
-            warnings.warn(pytest.PytestWarning(f"tests/conftest.py marker lists name nothing in {module}: "
-                                               f"{', '.join(stale)}"), stacklevel=1)
+    from xception_mx.model import Xception
+
+    mx.random.seed(3)
+    net = Xception(tiny_filters, num_classes=6, bn_epsilon=1e-5)
+    net.initialize()
+    for name, param in net._collect_params_with_prefix().items():
+        if name.endswith(("running_mean", "beta", "bias")):
+            param.set_data(mx.nd.random.normal(0, 0.1, param.shape))
+        elif name.endswith(("running_var", "gamma")):
+            param.set_data(mx.nd.random.uniform(0.5, 1.5, param.shape))
+    path = str(tmp_path / "tiny.safetensors")
+    save_file(timm_state(net), path)
+    return path, net

@@ -2,9 +2,9 @@
 import math
 
 import pytest
-import yaml
 
-from xception_mx.config import ConfigError, build_parser, load_yaml, resolve
+from xception_mx.config import build_parser, load_yaml, resolve
+from xception_mx.errors import UserError
 from xception_mx.schedule import build_lr_scheduler
 
 
@@ -34,13 +34,13 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
 def test_bad_yaml_is_one_line(tmp_path, yaml_text, fragment):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(yaml_text)
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(UserError) as info:
         resolve(load_yaml(str(cfg)))
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
 def test_retrain_needs_an_epoch():
-    with pytest.raises(ConfigError, match="--retrain needs --model-load-epoch"):
+    with pytest.raises(UserError, match="--retrain needs --model-load-epoch"):
         resolve({}, parse(["--retrain", "--lr", "0.1"]))
 
 

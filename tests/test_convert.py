@@ -18,8 +18,9 @@ import pytest
 from mxnet import autograd
 from safetensors.numpy import load_file, save_file
 
-from xception_mx.convert import build_pretrained, load_pretrained, main, read_timm, timm_to_params
+from xception_mx.convert import build_pretrained, load_pretrained, main
 from xception_mx.model import KerasSameMaxPool2D, Xception
+from xception_mx.weight_formats import read_timm, timm_to_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REF_DIR = os.path.join(ROOT, "tests", "reference")
@@ -69,6 +70,7 @@ def _max_diff(net, folder, name: str, framework: str) -> float:
     return float(np.abs(ours - theirs).max())
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("framework,src", [("timm", "timm.safetensors"), ("keras", "keras.h5")])
 def test_parity_with_reference_implementation(reference, tmp_path, framework, src, capsys):
     folder, _ = reference
@@ -96,6 +98,7 @@ def test_parity_with_reference_implementation(reference, tmp_path, framework, sr
         assert _max_diff(symmetric, folder, "x299", "keras") > 1e-2
 
 
+@pytest.mark.parity
 def test_pth_and_cadene_files_read_like_safetensors(reference, tmp_path):
     """The .pth reader (needs torch: run in the reference venv) gives exactly the safetensors arrays, Cadene too."""
     folder, _ = reference
@@ -109,41 +112,12 @@ def test_pth_and_cadene_files_read_like_safetensors(reference, tmp_path):
             np.testing.assert_array_equal(got[key], value, err_msg=f"{name}: {key}")
 
 
-def _timm_state(net: Xception) -> dict:
-    """Our parameters under timm's names (gamma/beta -> weight/bias), as a timm state dict would hold them."""
-    state = {}
-    for name, param in net._collect_params_with_prefix().items():
-        key = name[len("features."):] if name.startswith("features.") else name
-        module, _, leaf = key.rpartition(".")
-        leaf = {"gamma": "weight", "beta": "bias"}.get(leaf, leaf)
-        state[f"{module}.{leaf}"] = param.data().asnumpy()
-        if leaf == "running_var":
-            state[f"{module}.num_batches_tracked"] = np.array(7, dtype=np.int64)
-    return state
-
-
-@pytest.fixture
-def tiny_timm(tmp_path, tiny_filters):
-    """A timm-layout .safetensors of a small random Xception (non-trivial BN statistics) and that network."""
-    mx.random.seed(3)
-    net = Xception(tiny_filters, num_classes=6, bn_epsilon=1e-5)
-    net.initialize()
-    for name, param in net._collect_params_with_prefix().items():
-        if name.endswith(("running_mean", "beta", "bias")):
-            param.set_data(mx.nd.random.normal(0, 0.1, param.shape))
-        elif name.endswith(("running_var", "gamma")):
-            param.set_data(mx.nd.random.uniform(0.5, 1.5, param.shape))
-    path = str(tmp_path / "tiny.safetensors")
-    save_file(_timm_state(net), path)
-    return path, net
-
-
 def test_round_trip_and_load_pretrained(tiny_timm, tmp_path, tiny_filters):
     path, net = tiny_timm
     prefix = str(tmp_path / "out" / "tiny")
     assert main([path, prefix]) == 0
-    assert sorted(os.listdir(tmp_path / "out")) == ["tiny-0000.params", "tiny-symbol.json", "tiny.json",
-                                                    "tiny.params"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["tiny-0000.params", "tiny-preprocess.json", "tiny-symbol.json",
+                                                    "tiny.json", "tiny.params"]
     for arg in (prefix, prefix + ".params", prefix + ".json"):
         params, meta = load_pretrained(arg)
         assert meta["model"]["filter_list"] == list(tiny_filters) and meta["model"]["num_classes"] == 6
@@ -218,6 +192,7 @@ def _weight_names(group) -> list:
     return [n.decode() if isinstance(n, bytes) else str(n) for n in group.attrs["weight_names"]]
 
 
+@pytest.mark.parity
 @pytest.mark.parametrize("case", ["missing", "extra", "shape"])
 def test_bad_keras_file_names_the_tensor_and_writes_nothing(reference, tmp_path, capsys, case):
     folder, _ = reference

@@ -13,6 +13,7 @@ from im2rec_tools.listing import make_lists, read_lst
 from im2rec_tools.packing import pack
 from shard_factory import identify, textured, write_tree
 from xception_mx import data
+from xception_mx.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = ["ant", "bee", "cat"]
@@ -70,9 +71,9 @@ def test_find_shards_accepts_prefix_glob_file_and_lists(flat_shards):
 
 def test_find_shards_names_what_is_wrong(tmp_path, flat_shards):
     prefix, *_ = flat_shards
-    with pytest.raises(data.DataError, match="no shards for prefix"):
+    with pytest.raises(UserError, match="no shards for prefix"):
         data.find_shards(str(tmp_path / "nothing"))
-    with pytest.raises(data.DataError, match="no .rec files match"):
+    with pytest.raises(UserError, match="no .rec files match"):
         data.find_shards(str(tmp_path / "x-*.rec"))
     copy = tmp_path / "copy"
     copy.mkdir()
@@ -81,15 +82,15 @@ def test_find_shards_names_what_is_wrong(tmp_path, flat_shards):
             src = f"{prefix}-{i:05d}-of-00003.{ext}"
             (copy / os.path.basename(src)).write_bytes(open(src, "rb").read())
     os.remove(copy / "train-00001-of-00003.idx")
-    with pytest.raises(data.DataError, match=r"train-00001-of-00003.rec has no index train-00001-of-00003.idx"):
+    with pytest.raises(UserError, match=r"train-00001-of-00003.rec has no index train-00001-of-00003.idx"):
         data.find_shards(str(copy / "train"))
     os.remove(copy / "train-00001-of-00003.rec")
-    with pytest.raises(data.DataError, match=r"train-00001-of-00003.rec is missing"):
+    with pytest.raises(UserError, match=r"train-00001-of-00003.rec is missing"):
         data.find_shards(str(copy / "train-*.rec"))
     # a shard from an older pack with another shard count must not slip in
     (copy / "train-00000-of-00002.rec").write_bytes(b"")
     (copy / "train-00000-of-00002.idx").write_bytes(b"")
-    with pytest.raises(data.DataError, match="two different packs"):
+    with pytest.raises(UserError, match="two different packs"):
         data.find_shards(str(copy / "train"))
 
 
@@ -98,7 +99,7 @@ def test_truncated_shard_is_refused(tmp_path, flat_shards):
     rec = open(f"{prefix}-00000-of-00003.rec", "rb").read()
     (tmp_path / "t.rec").write_bytes(rec[:-100])
     (tmp_path / "t.idx").write_bytes(open(f"{prefix}-00000-of-00003.idx", "rb").read())
-    with pytest.raises(data.DataError, match="truncated"):
+    with pytest.raises(UserError, match="truncated"):
         data.count_records(str(tmp_path / "t.rec"))
 
 
@@ -244,7 +245,7 @@ def test_resumed_epoch_matches_uninterrupted_run(flat_shards):
 
 def test_train_iter_refuses_too_few_records(flat_shards):
     prefix, *_ = flat_shards
-    with pytest.raises(data.DataError, match="too few"):
+    with pytest.raises(UserError, match="too few"):
         data.train_iter(prefix, 20, SHAPE, num_parts=3)
     with pytest.raises(ValueError):
         data.train_iter(prefix, 4, SHAPE, num_parts=3, part_index=3)
@@ -259,7 +260,7 @@ def test_val_resize_matches_timm_crop():
 def test_check_labels():
     data.check_labels(np.array([0.0, 2.0, 9.0]), 10)
     for bad in ([10.0], [-1.0], [1.5], [float("nan")]):
-        with pytest.raises(data.DataError, match="outside 0..9"):
+        with pytest.raises(UserError, match="outside 0..9"):
             data.check_labels(np.array(bad), 10)
 
 

@@ -20,9 +20,12 @@ import pytest
 from mxnet import gluon
 
 from conftest import ROOT, TINY_FILTERS
-from xception_mx import checkpoint as ckpt
+from xception_mx.checkpoint import load_state
 from xception_mx.metrics import read_jsonl
-from xception_mx.train import train_step
+from xception_mx.runfolder import RunFolder
+from xception_mx.step import train_step
+
+pytestmark = pytest.mark.distributed
 
 LAUNCH = [sys.executable, "-m", "xception_mx.launch"]
 STEPS, GLOBAL_BATCH = 3, 8
@@ -50,7 +53,7 @@ TRAINER_WORKER = textwrap.dedent("""
     import mxnet as mx, numpy as np
     from mxnet import gluon
     from xception_mx.distributed import create_cluster
-    from xception_mx.train import train_step
+    from xception_mx.step import train_step
     kv_store, out, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
     cluster = create_cluster(kv_store, 1)
     rank, size = cluster.rank, cluster.size
@@ -142,13 +145,14 @@ CLI_WORKER = textwrap.dedent("""
     import numpy as np
     from xception_mx import cli, train
     dump = os.environ["DUMP_DIR"]
-    real_validate = train._validate
-    def validate(config, net, ctx, val_shards, cluster, local_batch):
-        arrays = {n: p.data(ctx[0]).asnumpy() for n, p in net._collect_params_with_prefix().items()}
-        epoch = len([f for f in os.listdir(dump) if f.startswith(f"rank{cluster.rank}-")]) + 1
-        np.savez(os.path.join(dump, f"rank{cluster.rank}-{epoch}.npz"), **arrays)
-        return real_validate(config, net, ctx, val_shards, cluster, local_batch)
-    train._validate = validate
+    real_validate = train.Trainer.validate
+    def validate(self):
+        arrays = {n: p.data(self.ctx[0]).asnumpy() for n, p in self.named.items()}
+        rank = self.cluster.rank
+        epoch = len([f for f in os.listdir(dump) if f.startswith(f"rank{rank}-")]) + 1
+        np.savez(os.path.join(dump, f"rank{rank}-{epoch}.npz"), **arrays)
+        return real_validate(self)
+    train.Trainer.validate = validate
     if os.environ.get("KILL_RANK"):
         real_create, real_step, seen = train.create_cluster, train.train_step, {"steps": 0}
         def create(*args, **kwargs):
@@ -193,14 +197,15 @@ def _load(path):
 
 
 def _state(out, epoch):
-    return {k: v.asnumpy() for k, v in ckpt.load_state_arrays(str(out), "xception_slim", epoch).items()}
+    return {k: v.asnumpy() for k, v in load_state(RunFolder(str(out), "xception_slim"), epoch).items()}
 
 
+@pytest.mark.slow
 def test_cli_dist_sync_run_resume_and_single_process_resume(colour_shards, tmp_path):
     """train_xception.py under the launcher: both workers hold the same weights and BN statistics, bit for bit,
     after every epoch (the end-of-epoch sync from rank 0, the regression test of the drift workaround in
-    xception_mx.distributed), rank 0 alone writes; the run resumes in distributed mode and its checkpoint resumes in a single process with the same
-    schedule. Distributed runs keep MXNet's threaded engine (deterministic: auto)."""
+    xception_mx.distributed), rank 0 alone writes; the run resumes in distributed mode and its checkpoint resumes
+    in a single process with the same schedule. Distributed runs keep MXNet's threaded engine (deterministic: auto)."""
     out = tmp_path / "dist"
     t0 = time.time()
     result, dump = _dist_cli(tmp_path, colour_shards, out)
@@ -229,7 +234,7 @@ def test_cli_dist_sync_run_resume_and_single_process_resume(colour_shards, tmp_p
     # Resume in distributed mode from epoch 1: the same epoch-2 weights and statistics.
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
-    ckpt.remove_epoch(str(resumed), "xception_slim", 2)
+    RunFolder(str(resumed), "xception_slim").remove(2)
     result, _ = _dist_cli(tmp_path, colour_shards, resumed, "--resume")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("resuming from the end of epoch 1") == 2
@@ -242,7 +247,7 @@ def test_cli_dist_sync_run_resume_and_single_process_resume(colour_shards, tmp_p
     # Resume the distributed checkpoint in one process: same global batch, same schedule position.
     single = tmp_path / "single"
     shutil.copytree(out, single)
-    ckpt.remove_epoch(str(single), "xception_slim", 2)
+    RunFolder(str(single), "xception_slim").remove(2)
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train_xception.py"),
                            *base_args(colour_shards, single, "--kv-store", "device", "--resume")],
                           capture_output=True, text=True, timeout=240, cwd=ROOT, env=_env())
@@ -269,6 +274,7 @@ def _gone(pid):
     return False
 
 
+@pytest.mark.slow
 def test_a_killed_worker_stops_the_job(colour_shards, tmp_path):
     out = tmp_path / "run"
     t0 = time.time()
@@ -285,6 +291,7 @@ def test_a_killed_worker_stops_the_job(colour_shards, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sigint_stops_every_worker_at_the_same_step_and_resumes(colour_shards, tmp_path):
     """Ctrl-C on the launcher: forwarded to the workers, which vote, stop after the same step, and rank 0 writes
     the mid-epoch checkpoint; --resume finishes the run."""
@@ -307,7 +314,7 @@ def test_sigint_stops_every_worker_at_the_same_step_and_resumes(colour_shards, t
         assert time.time() < deadline
     stdout, stderr = proc.communicate(timeout=150)
     assert proc.returncode == 130, stderr[-3000:]
-    partial = ckpt.load_partial_manifest(str(out), "xception_slim")
+    partial = RunFolder(str(out), "xception_slim").partial_manifest()
     assert partial is not None and 1 <= partial["in_progress"]["batches_done"] < 8
     assert all(_gone(p) for p in _pids(stderr))
     result, _ = _dist_cli(tmp_path, colour_shards, out, "--num-epochs", "1", "--batch-size", "8", "--resume")
@@ -316,6 +323,7 @@ def test_sigint_stops_every_worker_at_the_same_step_and_resumes(colour_shards, t
     assert json.loads((out / "xception_slim-0001.state.json").read_text())["optimizer"]["num_update"] == 8
 
 
+@pytest.mark.slow
 def test_cli_horovod_run_matches_across_ranks(colour_shards, tmp_path):
     import horovod.mxnet  # noqa: F401  (installed by the test command)
 
@@ -380,6 +388,7 @@ def test_launcher_bad_input_is_one_line(args, fragment):
     (["--kv-store", "dist_sync"], "runs under the launcher", None),
     (["--kv-store", "horovod", "--cpus", "2"], "one process per device", None),
 ])
+@pytest.mark.slow
 def test_trainer_refuses_a_distributed_store_it_cannot_run(extra, fragment, engine, colour_shards, tmp_path):
     env = _env()
     if engine:

@@ -310,7 +310,7 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
                             env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"im2rec-tools: error: no shards for prefix {str(tmp_path / 'none')!r}: looked for "
+        f"im2rec-tools verify: error: no shards for prefix {str(tmp_path / 'none')!r}: looked for "
         f"{tmp_path / 'none'}-NNNNN-of-NNNNN.rec and {tmp_path / 'none'}.rec"]
 
 

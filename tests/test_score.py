@@ -13,7 +13,8 @@ from mxnet import gluon
 
 from conftest import ROOT, TINY_FILTERS
 from xception_mx.metrics import read_jsonl
-from xception_mx.train import build_config, train
+from xception_mx.plan import plan_run
+from xception_mx.train import Trainer
 
 COLOURS = np.array([(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 230, 230), (200, 200, 30), (30, 200, 200)],
                    dtype=np.float32)
@@ -110,16 +111,17 @@ def test_predict_agrees_with_score(tmp_path):
     assert top[0]["prob"] > top[1]["prob"] > top[2]["prob"]
 
 
+@pytest.mark.slow
 def test_scoring_a_trained_export_reproduces_the_trainers_validation(colour_shards, tmp_path):
     out = tmp_path / "run"
-    train(build_config(["--train-rec", str(colour_shards / "train"), "--val-rec", str(colour_shards / "val"),
+    Trainer(plan_run(["--train-rec", str(colour_shards / "train"), "--val-rec", str(colour_shards / "val"),
                         "--num-classes", "4", "--model", "xception_slim", "--filter-list",
                         ",".join(map(str, TINY_FILTERS)), "--input-size", "72", "--batch-size", "16",
                         "--num-epochs", "2", "--lr", "0.1", "--lr-mode", "cosine", "--min-area", "0.5",
-                        "--ema", "0.5", "--output-dir", str(out), "--preprocess-threads", "2"]))
+                        "--ema", "0.5", "--output-dir", str(out), "--preprocess-threads", "2"])).fit()
     logged = read_jsonl(str(out / "metrics.jsonl"))
     for epoch in (1, 2):
-        # No preprocessing flags: score.py takes them from the config.yaml beside the checkpoint.
+        # No preprocessing flags: score.py takes them from the protocol written beside the export.
         result = score_cli("--model-prefix", out / "xception_slim", "--epoch", epoch, "--rec",
                            colour_shards / "val", "--batch-size", 16, "--json", tmp_path / f"e{epoch}.json")
         assert result.returncode == 0, result.stderr

@@ -14,9 +14,12 @@ import pytest
 from mxnet import gluon
 
 from conftest import ROOT, TINY_FILTERS
-from xception_mx import checkpoint as ckpt
+from xception_mx.checkpoint import load_state
 from xception_mx.metrics import read_jsonl
-from xception_mx.train import build_config, train, train_step
+from xception_mx.plan import plan_run
+from xception_mx.runfolder import RunFolder
+from xception_mx.step import train_step
+from xception_mx.train import Trainer
 
 TIME_KEYS = ("samples_per_sec", "time_s")
 
@@ -30,17 +33,18 @@ def base_args(shards, out, *extra):
 
 
 def run(args):
-    return train(build_config(args))
+    return Trainer(plan_run(args)).fit()
 
 
 def state_params(out, epoch, prefix="xception_slim"):
-    return {k: v.asnumpy() for k, v in ckpt.load_state_arrays(str(out), prefix, epoch).items()}
+    return {k: v.asnumpy() for k, v in load_state(RunFolder(str(out), prefix), epoch).items()}
 
 
 def strip_times(records):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
 
 
+@pytest.mark.slow
 def test_loss_decreases_and_files_are_written(colour_shards, tmp_path):
     out = tmp_path / "run"
     run(base_args(colour_shards, out, "--num-epochs", "8"))
@@ -53,7 +57,7 @@ def test_loss_decreases_and_files_are_written(colour_shards, tmp_path):
     for name in ("config.yaml", "curves.png", "best.json", "train.log", "xception_slim-symbol.json",
                  "xception_slim-0008.params", "xception_slim-0008.state.params", "xception_slim-0008.state.json"):
         assert (out / name).is_file(), name
-    assert ckpt.list_epochs(str(out), "xception_slim") == list(range(1, 9))
+    assert RunFolder(str(out), "xception_slim").epochs() == list(range(1, 9))
     best = json.loads((out / "best.json").read_text())
     assert best["val_top1"] == max(r["val_top1"] for r in records)
 
@@ -84,6 +88,7 @@ def test_two_devices_match_one_device_on_the_same_global_batch():
         np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(colour_shards, tmp_path):
     """2 epochs straight == 1 epoch, --resume, 1 epoch: bit for bit (regression test of the apache/mxnet#13829
     workaround: without MXNet's serial engine the two runs differ in the last bits)."""
@@ -93,7 +98,7 @@ def test_resume_is_bit_exact(colour_shards, tmp_path):
     # "Crash" after epoch 1: a copy of the run that has only epoch 1's checkpoint, then --resume in a new process.
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
-    ckpt.remove_epoch(str(resumed), "xception_slim", 2)
+    RunFolder(str(resumed), "xception_slim").remove(2)
     result = _cli(base_args(colour_shards, resumed, *extra, "--resume"))
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = state_params(straight, 2), state_params(resumed, 2)
@@ -109,6 +114,7 @@ def test_resume_is_bit_exact(colour_shards, tmp_path):
     assert manifest["engine"] == "NaiveEngine"
 
 
+@pytest.mark.slow
 def test_retrain_starts_at_the_new_lr_and_loads_weights(colour_shards, tmp_path):
     out = tmp_path / "run"
     run(base_args(colour_shards, out, "--num-epochs", "1", "--warmup-epochs", "0"))
@@ -123,27 +129,30 @@ def test_retrain_starts_at_the_new_lr_and_loads_weights(colour_shards, tmp_path)
     assert manifest["schedule"] == {"start_epoch": 1, "lr": 0.007, "warmup_epochs": 0}
     # Epoch 2 continued from epoch 1's weights (not a fresh initialisation): momentum carried over too.
     assert manifest["optimizer"]["num_update"] == 2 * 4
-    assert not np.array_equal(state_params(out, 2)["param/features.conv1.weight"], epoch1["param/features.conv1.weight"])
+    conv1 = "param/features.conv1.weight"
+    assert not np.array_equal(state_params(out, 2)[conv1], epoch1[conv1])
 
 
+@pytest.mark.slow
 def test_model_load_epoch_without_retrain_is_resume(colour_shards, tmp_path):
     out = tmp_path / "run"
     assert _cli(base_args(colour_shards, out, "--num-epochs", "2")).returncode == 0
     before = read_jsonl(str(out / "metrics.jsonl"))
-    ckpt.remove_epoch(str(out), "xception_slim", 2)
+    RunFolder(str(out), "xception_slim").remove(2)
     result = _cli(base_args(colour_shards, out, "--num-epochs", "2", "--model-load-epoch", "1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from the end of epoch 1" in result.stdout
     assert strip_times(read_jsonl(str(out / "metrics.jsonl"))) == strip_times(before)
 
 
+@pytest.mark.slow
 def test_resume_on_fewer_devices_keeps_the_schedule(colour_shards, tmp_path):
     straight = tmp_path / "straight"
     run(base_args(colour_shards, straight, "--cpus", "2", "--num-epochs", "3"))
     moved = tmp_path / "moved"
     shutil.copytree(straight, moved)
     for epoch in (2, 3):
-        ckpt.remove_epoch(str(moved), "xception_slim", epoch)
+        RunFolder(str(moved), "xception_slim").remove(epoch)
     run(base_args(colour_shards, moved, "--cpus", "1", "--num-epochs", "3", "--resume", "1"))
     a, b = read_jsonl(str(straight / "metrics.jsonl")), read_jsonl(str(moved / "metrics.jsonl"))
     assert [r["lr"] for r in a] == pytest.approx([r["lr"] for r in b], rel=1e-12)
@@ -158,6 +167,7 @@ def _cli(args, timeout=240):
                           text=True, timeout=timeout, cwd=ROOT)
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_epoch(colour_shards, tmp_path):
     out = tmp_path / "run"
     # Kill the process (SIGKILL: no cleanup) in the middle of writing epoch 2's state file.
@@ -179,17 +189,18 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_epoch(colo
     """)
     killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240, cwd=ROOT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
-    assert ckpt.list_epochs(str(out), "xception_slim") == [1]
+    assert RunFolder(str(out), "xception_slim").epochs() == [1]
     epoch1 = state_params(out, 1)
     resumed = _cli(base_args(colour_shards, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from the end of epoch 1" in resumed.stdout
-    assert ckpt.list_epochs(str(out), "xception_slim") == [1, 2]
+    assert RunFolder(str(out), "xception_slim").epochs() == [1, 2]
     np.testing.assert_array_equal(state_params(out, 1)["param/features.conv1.weight"],
                                   epoch1["param/features.conv1.weight"])
     assert [r["epoch"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_path):
     out = tmp_path / "run"
     args = base_args(colour_shards, out, "--num-epochs", "1", "--log-interval", "1")
@@ -204,14 +215,14 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_p
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130, stderr[-2000:]
     assert "--resume" in stderr.strip().splitlines()[-1]
-    partial = ckpt.load_partial_manifest(str(out), "xception_slim")
+    partial = RunFolder(str(out), "xception_slim").partial_manifest()
     assert partial is not None and partial["in_progress"]["batches_done"] in (1, 2, 3)
     # The command the message suggests, nothing more: the saved config supplies the rest.
     resumed = _cli(["--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from epoch 1, batch" in resumed.stdout
-    assert ckpt.list_epochs(str(out), "xception_slim") == [1]
-    assert ckpt.load_partial_manifest(str(out), "xception_slim") is None
+    assert RunFolder(str(out), "xception_slim").epochs() == [1]
+    assert RunFolder(str(out), "xception_slim").partial_manifest() is None
     assert json.loads((out / "xception_slim-0001.state.json").read_text())["optimizer"]["num_update"] == 4
 
 
@@ -230,6 +241,7 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_p
     ("existing_run", "already holds checkpoints (epochs 1..1): pass --resume"),
     ("corrupt_record", "record 5 (byte"),  # MXNet's reader would abort the process mid-epoch instead
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_clear_line(case, fragment, colour_shards, tmp_path):
     out = tmp_path / "run"
     args = base_args(colour_shards, out, "--num-epochs", "1")

@@ -3,10 +3,13 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 
 from test_train import _cli, base_args, state_params, strip_times
-from xception_mx import checkpoint as ckpt
 from xception_mx.metrics import read_jsonl
+from xception_mx.runfolder import RunFolder
+
+pytestmark = pytest.mark.slow  # every test runs train_xception.py
 
 
 def test_adam_with_mixup_resumes_bit_exact(colour_shards, tmp_path):
@@ -17,7 +20,7 @@ def test_adam_with_mixup_resumes_bit_exact(colour_shards, tmp_path):
     assert _cli(base_args(colour_shards, straight, *extra)).returncode == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
-    ckpt.remove_epoch(str(resumed), "xception_slim", 2)
+    RunFolder(str(resumed), "xception_slim").remove(2)
     result = _cli(["--output-dir", str(resumed), "--resume"])
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = state_params(straight, 2), state_params(resumed, 2)
@@ -35,7 +38,7 @@ def test_keep_last_keeps_the_best_epoch(colour_shards, tmp_path):
     out = tmp_path / "run"
     assert _cli(base_args(colour_shards, out, "--num-epochs", "4", "--keep-last", "1")).returncode == 0
     best = json.loads((out / "best.json").read_text())["epoch"]
-    assert ckpt.list_epochs(str(out), "xception_slim") == sorted({best, 4})
+    assert RunFolder(str(out), "xception_slim").epochs() == sorted({best, 4})
     assert (out / "xception_slim-symbol.json").is_file()
 
 
@@ -49,7 +52,7 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(colour_shards,
     lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
     assert len(lines) == 1 and "loss is not finite at epoch 2" in lines[0], result.stderr
     assert "last good checkpoint is epoch 1" in lines[0]
-    assert ckpt.list_epochs(str(out), "xception_slim") == [1]
+    assert RunFolder(str(out), "xception_slim").epochs() == [1]
     np.testing.assert_array_equal(state_params(out, 1)["param/features.conv1.weight"],
                                   epoch1["param/features.conv1.weight"])
 
@@ -64,4 +67,4 @@ def test_resume_refuses_a_new_schedule(colour_shards, tmp_path):
     # The same value as saved is no change, and --num-epochs may grow.
     again = _cli(["--output-dir", str(out), "--resume", "--num-epochs", "2", "--lr", "0.05"])
     assert again.returncode == 0, again.stderr[-2000:]
-    assert ckpt.list_epochs(str(out), "xception_slim") == [1, 2]
+    assert RunFolder(str(out), "xception_slim").epochs() == [1, 2]

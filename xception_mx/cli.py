@@ -1,153 +1,63 @@
-"""Entry points of the console scripts: parse, call the package, turn known failures into one stderr line."""
+"""Console entry points ``train-xception`` and ``xception-score``: parse, call the package, report in one line.
+
+Training: ``plan_run`` decides everything (parsing once, before MXNet loads), the engine variable is exported,
+then the trainer is imported and run. Failures become one stderr line through ``console.run_cli``.
+"""
 from __future__ import annotations
 
-import logging
+import os
 import sys
 
-__all__ = ["train_main", "score_main", "setup_logging", "run_cli", "choose_engine", "with_saved_config"]
+from .console import OneLineParser, run_cli, setup_logging
+from .errors import UserError
 
-#: Exit codes: 1 = the run failed (e.g. non-finite loss), 2 = bad input, 130 = stopped by a signal.
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+__all__ = ["train_main", "score_main"]
 
-
-def setup_logging(verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger("xception_mx")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-
-
-def run_cli(prog: str, body) -> int:
-    """Run ``body()``; known errors become ``prog: error: <one line>`` on stderr and a non-zero exit code."""
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .train import Interrupted, TrainingError
-
-    try:
-        return body() or 0
-    except (ConfigError, CheckpointError, DataError, OSError) as exc:  # OSError: unwritable output, disk full
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except Interrupted as exc:
-        print(f"{prog}: {exc}", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except TrainingError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def with_saved_config(argv: list[str] | None) -> list[str]:
-    """On --resume or --model-load-epoch (with or without --retrain) and no --config, the run's config.yaml is the base.
-
-    So ``train_xception.py --output-dir DIR --resume`` alone continues a run as it was configured (model, prefix,
-    data, schedule), and ``--output-dir DIR --retrain --model-load-epoch N --lr X`` changes only the schedule;
-    flags given with them override the saved values.
-    """
-    import os
-
-    from .config import ConfigError, build_parser
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        namespace = vars(build_parser().parse_args(argv))
-    except (ConfigError, SystemExit):
-        return argv  # reported by the real parse
-    continuing = "resume" in namespace or "model_load_epoch" in namespace
-    if not continuing or namespace.get("config"):
-        return argv
-    saved = os.path.join(namespace.get("output_dir", "runs/xception"), "config.yaml")
-    return ["--config", saved, *argv] if os.path.isfile(saved) else argv
-
-
-#: Keys that define the optimiser and schedule: a resume continues the saved ones, --retrain starts new ones.
-SCHEDULE_KEYS = ("optimizer", "lr", "lr_mode", "lr_decay", "lr_decay_period", "lr_step_epochs", "poly_power",
-                 "target_lr", "warmup_epochs", "warmup_lr")
-
-
-def check_resume_flags(argv: list[str]) -> None:
-    """A resume that is given a different optimiser or schedule would silently ignore it: refuse instead."""
-    import os
-
-    from .config import ConfigError, build_parser, load_yaml, resolve
-
-    namespace = vars(build_parser().parse_args(argv))
-    resuming = "resume" in namespace or ("model_load_epoch" in namespace and not namespace.get("retrain"))
-    path = namespace.pop("config", None)
-    if not resuming or not path or not os.path.isfile(path):
-        return
-    saved = resolve(load_yaml(path))
-    given = resolve(load_yaml(path), namespace)
-    changed = [k for k in SCHEDULE_KEYS if k in namespace and given[k] != saved[k]]
-    if changed:
-        flag = "--" + changed[0].replace("_", "-")
-        raise ConfigError(f"{flag} with --resume: a resume continues the saved optimiser and schedule exactly; to "
-                          f"start a new one from epoch N use --retrain --model-load-epoch N {flag} ...")
-
-
-def choose_engine(argv: list[str]) -> None:
-    """Select MXNet's serial engine for deterministic runs; must run before ``import mxnet``.
-
-    Workaround for apache/mxnet#13829: MXNet's threaded engine reorders floating-point work between runs, so two
-    identical CPU runs differ in the last bits after a few steps (and an exact resume is impossible). The serial
-    NaiveEngine makes them bit-identical, at no measurable cost on CPU. MXNet reads MXNET_ENGINE_TYPE once, at
-    load; a value the user set is left alone. Bad arguments are ignored here and reported by the real parse.
-    """
-    import os
-
-    from .config import ConfigError, build_parser, load_yaml, resolve, wants_serial_engine
-
-    if "mxnet" in sys.modules or "MXNET_ENGINE_TYPE" in os.environ:
-        return
-    try:
-        namespace = vars(build_parser().parse_args(argv))
-        path = namespace.pop("config", None)
-        config = resolve(load_yaml(path) if path else {}, namespace)
-    except (ConfigError, OSError, SystemExit):
-        return
-    if wants_serial_engine(config):
-        os.environ["MXNET_ENGINE_TYPE"] = "NaiveEngine"
+TRAIN_PROG = "train_xception.py"
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``train_xception.py`` / ``train-xception``."""
-    argv = with_saved_config(argv)
-    choose_engine(argv)
-    from .train import build_config, train
-
+    """``train_xception.py`` / ``train-xception``: plan, set MXNet's engine, import the trainer, train."""
     setup_logging()
+    plans = []
 
-    def body():
-        check_resume_flags(argv)
-        train(build_config(argv))
+    def plan() -> None:
+        from .plan import plan_run
 
-    return run_cli("train_xception.py", body)
+        plans.append(plan_run(argv))
+
+    code = run_cli(TRAIN_PROG, plan)
+    if code:
+        return code
+    run_plan = plans[0]
+    if "mxnet" not in sys.modules:  # MXNet reads the variable once, when it loads
+        os.environ.setdefault("MXNET_ENGINE_TYPE", run_plan.engine)
+
+    def train() -> None:
+        from .train import Trainer
+
+        Trainer(run_plan).fit()
+
+    return run_cli(TRAIN_PROG, train)
 
 
 def _score_parser(predict: bool):
-    import argparse
-
-    from .config import _OneLineParser
-
     prog = "score.py predict" if predict else "score.py"
-    parser = _OneLineParser(prog=prog, allow_abbrev=False, description=(
+    parser = OneLineParser(prog=prog, allow_abbrev=False, description=(
         "Top-k classes of images under the validation protocol." if predict else
         "Score an exported checkpoint on RecordIO shards: top-1, top-5, cross-entropy, img/s. "
         "`score.py predict -h` for single images."))
     parser.add_argument("--model-prefix", required=True, help="PREFIX of PREFIX-symbol.json / PREFIX-NNNN.params")
     parser.add_argument("--epoch", type=int, required=True, help="NNNN of PREFIX-NNNN.params")
     parser.add_argument("--gpus", default="", help="GPU ids, e.g. 0,1; empty = CPU")
-    parser.add_argument("--data-shape", help="C,H,W (default: the training config beside the checkpoint, "
+    parser.add_argument("--data-shape", help="C,H,W (default: the export's protocol, PREFIX-preprocess.json, "
                                              "else 3,299,299)")
     parser.add_argument("--crop-pct", type=float, help="resize shorter side to H / crop_pct, then centre crop "
-                                                       "(default: training config, else 0.8975)")
-    parser.add_argument("--mean", help="R,G,B mean on the 0-255 scale (default: training config, else 127.5)")
-    parser.add_argument("--std", help="R,G,B std on the 0-255 scale (default: training config, else 127.5)")
+                                                       "(default: the export's protocol, else 0.8975)")
+    parser.add_argument("--interpolation", choices=["bilinear", "bicubic"],
+                        help="resize interpolation (default: the export's protocol, else bilinear)")
+    parser.add_argument("--mean", help="R,G,B mean on the 0-255 scale (default: the export's protocol, else 127.5)")
+    parser.add_argument("--std", help="R,G,B std on the 0-255 scale (default: the export's protocol, else 127.5)")
     parser.add_argument("--classes", help="classes.txt from `im2rec-tools make-list` for class names")
     if predict:
         parser.add_argument("images", nargs="+", help="image files")
@@ -169,107 +79,129 @@ def _score_parser(predict: bool):
 
 
 def _protocol(args) -> tuple:
+    """(data shape, Preprocess): the export's own protocol, each flag given overriding its part."""
+    import dataclasses
+
     from .config import parse_device_list
-    from .score import ScoreError, protocol_defaults
+    from .score import export_protocol
 
-    saved = protocol_defaults(args.model_prefix)
+    saved = export_protocol(args.model_prefix)
 
-    def floats(text, name, default):
-        if text is None:
-            return list(default)
+    def floats(text, name):
         try:
             values = [float(v) for v in text.split(",")]
         except ValueError:
-            raise ScoreError(f"--{name} must be comma-separated numbers, got {text!r}") from None
-        if len(values) == 1:
-            values *= 3
-        if len(values) != 3:
-            raise ScoreError(f"--{name} needs 1 or 3 values, got {text!r}")
-        return values
+            raise UserError(f"--{name} must be comma-separated numbers, got {text!r}") from None
+        if len(values) not in (1, 3):
+            raise UserError(f"--{name} needs 1 or 3 values, got {text!r}")
+        return tuple(values * 3 if len(values) == 1 else values)
 
+    shape = (3, saved.input_size, saved.input_size)
     if args.data_shape:
         try:
             shape = tuple(int(v) for v in args.data_shape.split(","))
         except ValueError:
-            raise ScoreError(f"--data-shape must be C,H,W integers, got {args.data_shape!r}") from None
+            raise UserError(f"--data-shape must be C,H,W integers, got {args.data_shape!r}") from None
         if len(shape) != 3 or min(shape) < 1:
-            raise ScoreError(f"--data-shape must be C,H,W positive integers, got {args.data_shape!r}")
-    else:
-        shape = tuple(saved.get("data_shape", (3, 299, 299)))
-    crop_pct = args.crop_pct if args.crop_pct is not None else float(saved.get("crop_pct", 0.8975))
-    if not 0 < crop_pct <= 1:
-        raise ScoreError(f"--crop-pct must be in (0, 1], got {crop_pct}")
-    mean = floats(args.mean, "mean", saved.get("mean", [127.5] * 3))
-    std = floats(args.std, "std", saved.get("std", [127.5] * 3))
-    if min(std) <= 0:
-        raise ScoreError("--std values must be > 0")
-    gpus = parse_device_list(args.gpus)
-    return shape, crop_pct, mean, std, gpus
+            raise UserError(f"--data-shape must be C,H,W positive integers, got {args.data_shape!r}")
+    changes = {"input_size": max(shape[1:])}
+    if args.crop_pct is not None:
+        if not 0 < args.crop_pct <= 1:
+            raise UserError(f"--crop-pct must be in (0, 1], got {args.crop_pct}")
+        changes["crop_pct"] = args.crop_pct
+    if args.mean:
+        changes["mean"] = floats(args.mean, "mean")
+    if args.std:
+        changes["std"] = floats(args.std, "std")
+        if min(changes["std"]) <= 0:
+            raise UserError("--std values must be > 0")
+    if args.interpolation:
+        changes["interpolation"] = args.interpolation
+    return shape, dataclasses.replace(saved, **changes), parse_device_list(args.gpus)
 
 
 def score_main(argv: list[str] | None = None) -> int:
     """``score.py`` / ``xception-score``: score, --benchmark, or `predict`."""
-    import json
-
-    from .checkpoint import atomic_write_text
-    from .score import ScoreError, benchmark, predict, read_classes, score, write_confusion_csv
-    from .train import make_contexts
-
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     is_predict = bool(argv) and argv[0] == "predict"
 
-    def body():
+    def body() -> int:
         args = _score_parser(is_predict).parse_args(argv[1:] if is_predict else argv)
-        shape, crop_pct, mean, std, gpus = _protocol(args)
+        shape, pre, gpus = _protocol(args)
         if is_predict:
-            ctx = make_contexts(gpus, 1)
-            results = predict(args.model_prefix, args.epoch, args.images, ctx[0], shape, crop_pct, mean, std,
-                              args.classes, args.top_k)
-            for r in results:
-                tops = "  ".join(f"{t['name']} {t['prob']:.4f}" for t in r["top"])
-                print(f"{r['image']}: {tops}")
-            if args.json:
-                atomic_write_text(args.json, json.dumps(results, indent=1))
-            return 0
+            return _predict(args, shape, pre, gpus)
         try:
             batch_sizes = [int(v) for v in args.batch_size.split(",")]
         except ValueError:
-            raise ScoreError(f"--batch-size must be an integer (or a list with --benchmark), "
-                             f"got {args.batch_size!r}") from None
+            raise UserError(f"--batch-size must be an integer (or a list with --benchmark), "
+                            f"got {args.batch_size!r}") from None
         if min(batch_sizes) < 1 or (len(batch_sizes) > 1 and not args.benchmark):
-            raise ScoreError(f"--batch-size must be one positive integer when scoring, got {args.batch_size!r}")
+            raise UserError(f"--batch-size must be one positive integer when scoring, got {args.batch_size!r}")
+        from .evaluate import make_contexts
+
         ctx = make_contexts(gpus, args.cpus)
         if args.benchmark:
-            rows = benchmark(args.model_prefix, args.epoch, ctx[:1], batch_sizes, shape, args.warmup, args.repeats)
-            print("| batch | img/s | ms/batch (median) | ms/batch (best) |\n|---|---|---|---|")
-            for r in rows:
-                print(f"| {r['batch_size']} | {r['images_per_sec']:.1f} | {r['ms_per_batch']:.1f} | "
-                      f"{r['best_ms_per_batch']:.1f} |")
-            if args.json:
-                atomic_write_text(args.json, json.dumps({"benchmark": rows, "data_shape": shape}, indent=1))
-            return 0
-        if not args.rec:
-            raise ScoreError("--rec is required (the validation shards), or use --benchmark")
-        if batch_sizes[0] % len(ctx):
-            raise ScoreError(f"--batch-size {batch_sizes[0]} is not divisible by the {len(ctx)} devices")
-        result = score(args.model_prefix, args.epoch, args.rec, ctx, batch_sizes[0], shape, crop_pct, mean, std,
-                       per_class=args.per_class, classes=args.classes, preprocess_threads=args.preprocess_threads)
-        print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  cross-entropy {result['cross_entropy']:.4f}  "
-              f"images {result['images']}  {result['images_per_sec']:.1f} img/s  "
-              f"(resize {result['protocol']['resize_shorter']}, crop {shape[1]}x{shape[2]})")
-        if args.per_class:
-            confusion = result.pop("confusion")
-            csv_path = args.confusion_csv or f"{args.model_prefix}-{args.epoch:04d}-confusion.csv"
-            names = read_classes(args.classes, result["num_classes"])
-            write_confusion_csv(csv_path, confusion, names)
-            for row in result["per_class"]:
-                acc = "n/a" if row["top1"] is None else f"{row['top1']:.4f}"
-                print(f"  class {row['class']:>4} {row['name']:<24} images {row['images']:>6}  top-1 {acc}")
-            print(f"confusion matrix: {csv_path}")
-            result["confusion_csv"] = csv_path
-        if args.json:
-            atomic_write_text(args.json, json.dumps(result, indent=1))
-        return 0
+            return _benchmark(args, ctx, batch_sizes, shape)
+        return _score(args, ctx, batch_sizes[0], shape, pre)
 
     return run_cli("score.py predict" if is_predict else "score.py", body)
+
+
+def _write_json(path: str | None, obj) -> None:
+    if path:
+        import json
+
+        from .fileio import atomic_write_text
+
+        atomic_write_text(path, json.dumps(obj, indent=1))
+
+
+def _predict(args, shape, pre, gpus) -> int:
+    from .evaluate import make_contexts
+    from .score import predict
+
+    results = predict(args.model_prefix, args.epoch, args.images, make_contexts(gpus, 1)[0], shape, pre,
+                      args.classes, args.top_k)
+    for r in results:
+        print(f"{r['image']}: " + "  ".join(f"{t['name']} {t['prob']:.4f}" for t in r["top"]))
+    _write_json(args.json, results)
+    return 0
+
+
+def _benchmark(args, ctx, batch_sizes, shape) -> int:
+    from .score import benchmark
+
+    rows = benchmark(args.model_prefix, args.epoch, ctx[:1], batch_sizes, shape, args.warmup, args.repeats)
+    print("| batch | img/s | ms/batch (median) | ms/batch (best) |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch_size']} | {r['images_per_sec']:.1f} | {r['ms_per_batch']:.1f} | "
+              f"{r['best_ms_per_batch']:.1f} |")
+    _write_json(args.json, {"benchmark": rows, "data_shape": shape})
+    return 0
+
+
+def _score(args, ctx, batch_size, shape, pre) -> int:
+    from .records import read_classes
+    from .score import score, write_confusion_csv
+
+    if not args.rec:
+        raise UserError("--rec is required (the validation shards), or use --benchmark")
+    if batch_size % len(ctx):
+        raise UserError(f"--batch-size {batch_size} is not divisible by the {len(ctx)} devices")
+    result = score(args.model_prefix, args.epoch, args.rec, ctx, batch_size, shape, pre, per_class=args.per_class,
+                   classes=args.classes, preprocess_threads=args.preprocess_threads)
+    print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  cross-entropy {result['cross_entropy']:.4f}  "
+          f"images {result['images']}  {result['images_per_sec']:.1f} img/s  "
+          f"(resize {result['protocol']['resize_shorter']} {pre.interpolation}, crop {shape[1]}x{shape[2]})")
+    if args.per_class:
+        confusion = result.pop("confusion")
+        csv_path = args.confusion_csv or f"{args.model_prefix}-{args.epoch:04d}-confusion.csv"
+        write_confusion_csv(csv_path, confusion, read_classes(args.classes, result["num_classes"]))
+        for row in result["per_class"]:
+            acc = "n/a" if row["top1"] is None else f"{row['top1']:.4f}"
+            print(f"  class {row['class']:>4} {row['name']:<24} images {row['images']:>6}  top-1 {acc}")
+        print(f"confusion matrix: {csv_path}")
+        result["confusion_csv"] = csv_path
+    _write_json(args.json, result)
+    return 0

@@ -2,24 +2,24 @@
 
 Every key is declared once in :data:`SCHEMA` (type, default, help, check); the CLI's flags are generated from it, so a
 YAML key and its flag always agree (``batch_size`` <-> ``--batch-size``). Unknown keys, wrong types and impossible
-values raise :class:`ConfigError` with one line naming the key and what to do.
+values raise :class:`UserError` with one line naming the key and what to do.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import yaml
 
-__all__ = ["ConfigError", "Option", "SCHEMA", "defaults", "load_yaml", "resolve", "build_parser", "dump_yaml",
+from .console import OneLineParser
+from .errors import UserError
+
+__all__ = ["Option", "SCHEMA", "defaults", "load_yaml", "resolve", "build_parser", "dump_yaml",
            "parse_device_list", "wants_serial_engine", "DISTRIBUTED_KV_STORES"]
-
-
-class ConfigError(ValueError):
-    """A bad configuration value; the message is one line for the user."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +70,8 @@ SCHEMA: list[Option] = [
            check=lambda v: None if v >= 71 else "must be >= 71 (Xception's smallest input)"),
     Option("crop_pct", "float", 0.8975, "validation: resize shorter side to input_size / crop_pct, centre crop",
            check=_unit_interval),
+    Option("interpolation", "str", "bilinear", "validation resize (and the export's protocol): bilinear or bicubic",
+           choices=["bilinear", "bicubic"]),
     Option("mean", "floats", [127.5, 127.5, 127.5], "per-channel mean (RGB, 0-255 scale)", check=_three),
     Option("std", "floats", [127.5, 127.5, 127.5], "per-channel std (RGB, 0-255 scale)",
            check=lambda v: _three(v) or _positive_all(v)),
@@ -192,7 +194,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
         kind = {"ints": "a comma-separated list of integers", "floats": "a comma-separated list of numbers",
                 "optional_int": "an integer", "int": "an integer", "float": "a number", "str": "a string",
                 "bool": "true or false"}[opt.kind]
-        raise ConfigError(f"{where} must be {kind}, got {value!r}") from None
+        raise UserError(f"{where} must be {kind}, got {value!r}") from None
     raise AssertionError(opt.kind)
 
 
@@ -200,34 +202,36 @@ def _check(opt: Option, value: Any, source: str) -> None:
     if value is None:
         return
     if opt.choices is not None and value not in opt.choices:
-        raise ConfigError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}; got {value!r}")
+        raise UserError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}; got {value!r}")
     if opt.check is not None:
         problem = opt.check(value)
         if problem:
-            raise ConfigError(f"{source}: {opt.name} {problem}, got {value!r}")
+            raise UserError(f"{source}: {opt.name} {problem}, got {value!r}")
 
 
-def _unknown_key(key: str, source: str) -> ConfigError:
+def _unknown_key(key: str, source: str) -> UserError:
     close = difflib.get_close_matches(key, list(_BY_NAME), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see train_xception.py --help for the keys)"
-    return ConfigError(f"{source}: unknown key {key!r}{hint}")
+    return UserError(f"{source}: unknown key {key!r}{hint}")
 
 
 def load_yaml(path: str) -> dict:
     """Read a YAML config: a mapping of known keys (hyphens or underscores) to values."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file {path!r} not found")
+        raise UserError(f"config file {path!r} not found")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not UTF-8 text; save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
+        raise UserError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        raise UserError(f"{path}: a config must be a mapping of keys to values")
     out = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
@@ -255,29 +259,22 @@ def _check_combinations(config: dict) -> None:
     if config["filter_list"] is not None:
         fl = config["filter_list"]
         if len(fl) != 7 or any(v <= 0 for v in fl) or fl[0] < 2:
-            raise ConfigError(f"config: filter_list must be 7 positive integers (the first >= 2), got {fl}")
+            raise UserError(f"config: filter_list must be 7 positive integers (the first >= 2), got {fl}")
     if config["retrain"] and config["model_load_epoch"] is None:
-        raise ConfigError("config: --retrain needs --model-load-epoch N (the epoch to start from) and --lr")
+        raise UserError("config: --retrain needs --model-load-epoch N (the epoch to start from) and --lr")
     if config["retrain"] and config["resume"] is not None:
-        raise ConfigError("config: use either --resume or --retrain, not both")
+        raise UserError("config: use either --resume or --retrain, not both")
     if config["resume"] is not None and config["resume"] < 0:
-        raise ConfigError(f"config: resume must be an epoch >= 1 (or 0 / no value for the latest), "
+        raise UserError(f"config: resume must be an epoch >= 1 (or 0 / no value for the latest), "
                           f"got {config['resume']}")
     if config["warmup_epochs"] >= config["num_epochs"]:
-        raise ConfigError(f"config: warmup_epochs ({config['warmup_epochs']}) must be less than num_epochs "
+        raise UserError(f"config: warmup_epochs ({config['warmup_epochs']}) must be less than num_epochs "
                           f"({config['num_epochs']})")
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line (not usage + error)."""
-
-    def error(self, message):
-        raise ConfigError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
     """CLI flags for every schema key, plus --config. Unset flags are absent from the parsed namespace."""
-    parser = _OneLineParser(prog=prog, description="Train Xception on RecordIO shards (MXNet Gluon).",
+    parser = OneLineParser(prog=prog, description="Train Xception on RecordIO shards (MXNet Gluon).",
                             argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of keys from this list; flags override it")
     for opt in SCHEMA:
@@ -314,6 +311,6 @@ def parse_device_list(text: str) -> list[int]:
 
 def dump_yaml(config: dict, path: str) -> None:
     """Write the resolved config (every key) as YAML."""
-    from .checkpoint import atomic_write_text
+    from .fileio import atomic_write_text
 
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=None))

@@ -1,42 +1,22 @@
 """Data-parallel training across processes: MXNet's parameter server (``dist_sync``, ``dist_device_sync``) or Horovod.
 
-:class:`Cluster` hides the engine from the training loop. Semantics, the same for both engines:
-
-* ``--batch-size`` is the **global** batch of one optimizer step, summed over every worker and device: each of
-  the W workers reads ``batch_size / W`` images per step from its own part of the shards (part = rank). So a
-  config trains the same schedule whatever the number of workers, and a checkpoint moves between 1 and W workers.
-* Gradient scale: each worker's loss is a per-sample sum; the ps-lite server sums the workers' gradients, and the
-  optimizer divides by the global batch (``trainer.step(batch_size)``): the update is the mean over the global
-  batch, exactly as one process on the union of the batches. Horovod's ``DistributedTrainer`` already divides by
-  the number of processes, so it steps with the per-worker batch: the same mean.
-* Initial weights: every worker's parameters are replaced by rank 0's before the first forward pass (and after a
-  resume), then a barrier. Gluon's Trainer initialises its kvstore lazily inside the first ``step()``, after the
-  first forward/backward, so without this the first gradients of the other workers are computed on their own
-  random weights (the gluon-nlp report of this is dmlc/gluon-nlp#1334; apache/mxnet#14431 proposed a hook).
-* BatchNorm running statistics are not gradients: each worker accumulates them from its own batches. They are
-  averaged over the workers (:meth:`Cluster.average_params`) at the end of every epoch and before a mid-epoch
-  checkpoint, so validation, the checkpoint and every worker hold the same complete state.
-* Every worker also takes rank 0's trainable weights at the end of every epoch (:meth:`Cluster.broadcast_params`):
-  with MXNet 1.9.1's ps-lite the workers' weights were seen to drift a few ulp apart now and then (from the second
-  step of the second or third epoch, about one 2-worker run in two; the reduced gradients were identical; cause not
-  found), and this bounds the drift to one epoch and makes the checkpoint exactly what every worker holds.
-* Validation: each worker scores its part of the validation shards and the counts are summed across workers
-  (:meth:`Cluster.allreduce_sum`), so every rank logs the same figures. Rank 0 alone writes checkpoints, metrics
-  and curves.
-* Stopping: a SIGINT/SIGTERM seen by any worker is voted on after every step (:meth:`Cluster.any`), so all
-  workers stop after the same step and rank 0 writes the mid-epoch checkpoint (a worker that stopped alone would
-  leave the others blocked in the next push).
+:class:`Cluster` hides the engine from the training loop: rank, size, the global batch's split, initial sync,
+collectives, the per-epoch worker sync and the stop vote. The semantics (the same for both engines) and the ps-lite
+workarounds are in ARCHITECTURE.md, "Distributed training".
 """
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+import os
+import signal
+from collections.abc import Iterable
 
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from .config import ConfigError
+from .errors import UserError
+from .metrics import Accumulator
 
 __all__ = ["Cluster", "create_cluster", "PS_KV_STORES"]
 
@@ -62,9 +42,9 @@ class Cluster:
         return self.size > 1 or self.engine != "local"
 
     def local_batch(self, batch_size: int, num_devices: int) -> int:
-        """This worker's share of the global batch; ConfigError when it does not split evenly."""
+        """This worker's share of the global batch; UserError when it does not split evenly."""
         if batch_size % (self.size * num_devices):
-            raise ConfigError(f"--batch-size {batch_size} is the global batch and must split evenly over "
+            raise UserError(f"--batch-size {batch_size} is the global batch and must split evenly over "
                               f"{self.size} worker(s) x {num_devices} device(s): use a multiple of "
                               f"{self.size * num_devices}")
         return batch_size // self.size
@@ -100,6 +80,38 @@ class Cluster:
 
     def barrier(self) -> None:
         pass
+
+    # Built on the collectives above; the same for every engine.
+
+    def stop_voted(self, stop) -> bool:
+        """Whether any worker saw SIGINT/SIGTERM (``stop``: a StopFlag); every worker gets the same answer, so
+        all stop at the same step."""
+        if not self.distributed:
+            return stop.signum is not None
+        if self.any(stop.signum is not None):
+            stop.signum = stop.signum or signal.SIGTERM  # another worker got the signal
+            return True
+        return False
+
+    def sum_accumulator(self, acc: Accumulator) -> Accumulator:
+        """Counts summed over the workers (each saw a disjoint part of the data); unchanged in one process."""
+        if not self.distributed:
+            return acc
+        count, loss_sum, c1, c5 = self.allreduce_sum([acc.count, acc.loss_sum, acc.correct[1], acc.correct[5]])
+        return Accumulator(int(round(count)), loss_sum, {1: int(round(c1)), 5: int(round(c5))})
+
+    def sync_workers(self, named: dict, ema_shadow: dict | None, ctx: mx.Context, trainer: gluon.Trainer) -> None:
+        """End of an epoch (or a stop): average the BatchNorm running statistics (and their EMA shadows) over the
+        workers, which accumulate them from their own batches, and give every worker rank 0's trainable weights
+        (bounds the drift described above; the checkpoint rank 0 writes is then what every worker holds)."""
+        aux = [name for name, p in named.items() if p.grad_req == "null"]
+        self.average_params(trainer, {named[n].name: named[n].data(ctx) for n in aux})
+        if ema_shadow is not None:
+            self.average_params(trainer, {named[n].name: ema_shadow[n] for n in aux})
+        trainable = [name for name, p in named.items() if p.grad_req != "null"]
+        self.broadcast_params(trainer, {named[n].name: named[n].data(ctx) for n in trainable})
+        for name in aux + trainable:  # every device of this worker gets the result
+            named[name].set_data(named[name].data(ctx))
 
 
 class PSCluster(Cluster):
@@ -184,7 +196,7 @@ class HorovodCluster(Cluster):
         try:
             import horovod.mxnet as hvd
         except ImportError as exc:
-            raise ConfigError(f"--kv-store horovod needs horovod built for MXNet ({exc}): run "
+            raise UserError(f"--kv-store horovod needs horovod built for MXNet ({exc}): run "
                               f"scripts/install_horovod.sh .venv/bin/python (or pip install -e '.[horovod]' "
                               f"with the HOROVOD_* build flags in the README)") from None
         self.hvd = hvd
@@ -226,15 +238,13 @@ class HorovodCluster(Cluster):
 def create_cluster(kv_store: str, num_devices: int) -> Cluster:
     """The cluster for ``--kv-store``: ps-lite for dist_*, Horovod for horovod, else this process alone."""
     if kv_store in PS_KV_STORES:
-        import os
-
         if "DMLC_ROLE" not in os.environ:
-            raise ConfigError(f"--kv-store {kv_store} runs under the launcher: python -m xception_mx.launch -n "
+            raise UserError(f"--kv-store {kv_store} runs under the launcher: python -m xception_mx.launch -n "
                               f"WORKERS -s SERVERS -- train_xception.py ... (DMLC_ROLE is not set)")
         return PSCluster(kv_store)
     if kv_store == "horovod":
         if num_devices > 1:
-            raise ConfigError(f"--kv-store horovod runs one process per device, but this process was given "
+            raise UserError(f"--kv-store horovod runs one process per device, but this process was given "
                               f"{num_devices} devices: pass one --gpus id (or --cpus 1) and start one process "
                               f"per device with horovodrun")
         return HorovodCluster(kv_store)

@@ -19,7 +19,8 @@ import os
 
 import mxnet as mx
 
-from .checkpoint import CheckpointError
+from .errors import UserError
+from .weights import load_named, read_arrays
 
 __all__ = ["read_weights", "load_backbone", "set_features_lr_mult", "model_overrides", "HEAD_PREFIX"]
 
@@ -31,22 +32,17 @@ def _resolve_path(source: str) -> str:
     for candidate in (source, source + ".state.params", source + ".params"):
         if os.path.isfile(candidate):
             return candidate
-    raise CheckpointError(f"--pretrained {source}: no such file (give PREFIX-EEEE.state.params of a run, "
-                          f"PREFIX-EEEE, or a converted weights file)")
+    raise UserError(f"--pretrained {source}: no such file (give PREFIX-EEEE.state.params of a run, "
+                    f"PREFIX-EEEE, or a converted weights file)")
 
 
 def read_weights(source: str) -> dict[str, mx.nd.NDArray]:
     """Structured-name weights from a training state file or a Gluon parameter file."""
     path = _resolve_path(source)
-    try:
-        arrays = mx.nd.load(path)
-    except mx.base.MXNetError:
-        raise CheckpointError(f"--pretrained {path} is not an MXNet NDArray file (or is corrupt)") from None
-    if not isinstance(arrays, dict) or not arrays:
-        raise CheckpointError(f"--pretrained {path} holds no named arrays")
+    arrays = read_arrays(path, "--pretrained")
     if any(k.startswith(("arg:", "aux:")) for k in arrays):
-        raise CheckpointError(f"--pretrained {path} is an MXNet export (arg:/aux: names): give the run's "
-                              f"PREFIX-EEEE.state.params, or convert the weights with python -m xception_mx.convert")
+        raise UserError(f"--pretrained {path} is an MXNet export (arg:/aux: names): give the run's "
+                        f"PREFIX-EEEE.state.params, or convert the weights with python -m xception_mx.convert")
     if any(k.startswith("param/") for k in arrays):
         kind = "ema/" if any(k.startswith("ema/") for k in arrays) else "param/"
         return {k[len(kind):]: v for k, v in arrays.items() if k.startswith(kind)}
@@ -59,19 +55,7 @@ def load_backbone(named: dict, weights: dict[str, mx.nd.NDArray], head_prefix: s
     Every feature parameter must be present with the same shape (else one line naming it). Returns how many
     parameters were loaded.
     """
-    loaded = 0
-    for name, param in named.items():
-        if name.startswith(head_prefix):
-            continue
-        if name not in weights:
-            raise CheckpointError(f"the pretrained weights have no {name}: they come from another architecture "
-                                  f"(use the same --model / --filter-list as the run that made them)")
-        if tuple(weights[name].shape) != tuple(param.shape):
-            raise CheckpointError(f"pretrained {name} has shape {tuple(weights[name].shape)}, the model needs "
-                                  f"{tuple(param.shape)}: use the same --model / --filter-list")
-        param.set_data(weights[name])
-        loaded += 1
-    return loaded
+    return load_named(named, weights, "the --pretrained weights", skip_prefix=head_prefix, allow_extra=True)
 
 
 def set_features_lr_mult(named: dict, mult: float, head_prefix: str = HEAD_PREFIX) -> None:
@@ -86,11 +70,9 @@ def set_features_lr_mult(named: dict, mult: float, head_prefix: str = HEAD_PREFI
 
 def model_overrides(source: str) -> dict:
     """Model settings the weights need, from a converter sidecar (``OUT_PREFIX.json``): BN epsilon, pooling."""
-    import json
+    from .convert import read_sidecar
 
-    for candidate in (source, source[:-len(".params")] if source.endswith(".params") else None):
-        if candidate and os.path.isfile(candidate + ".json"):
-            with open(candidate + ".json", encoding="utf-8") as f:
-                model = json.load(f).get("model", {})
-            return {k: model[k] for k in ("bn_epsilon", "pool_padding") if k in model}
-    return {}
+    prefix = source[:-len(".params")] if source.endswith(".params") else source
+    meta = read_sidecar(prefix, required=False)
+    model = meta["model"] if meta else {}
+    return {k: model[k] for k in ("bn_epsilon", "pool_padding") if k in model}

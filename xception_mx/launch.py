@@ -32,16 +32,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["LaunchError", "Child", "plan_local", "plan_hosts", "plan_horovod", "read_hosts", "run_job", "main"]
+from .console import OneLineParser, run_cli
+from .errors import EXIT_FAILED, EXIT_INTERRUPTED, RunFailed, UserError
+
+__all__ = ["Child", "plan_local", "plan_hosts", "plan_horovod", "read_hosts", "run_job", "main"]
 
 PROG = "python -m xception_mx.launch"
 #: Exit codes: 1 = a process failed, 2 = bad input, 124 = --timeout reached, 130 = stopped by a signal.
-EXIT_FAILED, EXIT_BAD_INPUT, EXIT_TIMEOUT, EXIT_INTERRUPTED = 1, 2, 124, 130
-
-
-class LaunchError(ValueError):
-    """Bad launcher input; the message is one line for the user."""
-
+EXIT_TIMEOUT = 124
 
 @dataclass
 class Child:
@@ -70,7 +68,7 @@ def command_argv(command: list[str]) -> list[str]:
     """The user's command; a leading ``something.py`` runs with this interpreter (train_xception.py need not be
     executable or on PATH)."""
     if not command:
-        raise LaunchError("no command to run: put it after --, e.g. -- train_xception.py --kv-store dist_sync ...")
+        raise UserError("no command to run: put it after --, e.g. -- train_xception.py --kv-store dist_sync ...")
     if command[0].endswith(".py"):
         return [sys.executable, *command]
     return list(command)
@@ -112,15 +110,15 @@ def plan_local(workers: int, servers: int, command: list[str], port: int | None 
 def read_hosts(path: str) -> list[str]:
     """Addresses from a hosts file: one per line; blank lines and ``#`` comments ignored."""
     if not os.path.isfile(path):
-        raise LaunchError(f"--hosts {path!r}: no such file")
+        raise UserError(f"--hosts {path!r}: no such file")
     with open(path, encoding="utf-8") as f:
         hosts = [line.split("#", 1)[0].strip() for line in f]
     hosts = [h for h in hosts if h]
     if not hosts:
-        raise LaunchError(f"--hosts {path!r} lists no host (one address per line)")
+        raise UserError(f"--hosts {path!r} lists no host (one address per line)")
     bad = [h for h in hosts if len(h.split()) != 1]
     if bad:
-        raise LaunchError(f"--hosts {path!r}: {bad[0]!r} is not one address (one host per line)")
+        raise UserError(f"--hosts {path!r}: {bad[0]!r} is not one address (one host per line)")
     return hosts
 
 
@@ -164,7 +162,7 @@ def plan_horovod(workers: int, command: list[str]) -> tuple[list[Child], object]
         from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
         from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     except ImportError as exc:
-        raise LaunchError(f"--horovod needs horovod ({exc}): run scripts/install_horovod.sh .venv/bin/python") \
+        raise UserError(f"--horovod needs horovod ({exc}): run scripts/install_horovod.sh .venv/bin/python") \
             from None
     import threading
 
@@ -186,9 +184,9 @@ def plan_horovod(workers: int, command: list[str]) -> tuple[list[Child], object]
 
 def _check_counts(workers: int, servers: int) -> None:
     if workers < 1:
-        raise LaunchError(f"-n/--num-workers must be >= 1, got {workers}")
+        raise UserError(f"-n/--num-workers must be >= 1, got {workers}")
     if servers < 1:
-        raise LaunchError(f"-s/--num-servers must be >= 1, got {servers} (dist_sync needs a server)")
+        raise UserError(f"-s/--num-servers must be >= 1, got {servers} (dist_sync needs a server)")
 
 
 def _kill_group(child: Child, sig: int) -> None:
@@ -310,9 +308,7 @@ def run_job(children: list[Child], timeout: float, grace: float = 5.0, poll: flo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import _OneLineParser
-
-    parser = _OneLineParser(prog=PROG, allow_abbrev=False,
+    parser = OneLineParser(prog=PROG, allow_abbrev=False,
                             description="Start a dist_sync job (ps-lite scheduler, servers, workers) and watch it.",
                             epilog="Example: python -m xception_mx.launch -n 2 -s 1 -- train_xception.py "
                                    "--kv-store dist_sync --config CFG")
@@ -339,56 +335,51 @@ def _number(text: str, flag: str, kind=int, minimum: float = 1):
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise LaunchError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+        raise UserError(f"{flag} must be {'an integer' if kind is int else 'a number'}, got {text!r}") from None
     if value < minimum:
-        raise LaunchError(f"{flag} must be >= {minimum:g}, got {text!r}")
+        raise UserError(f"{flag} must be >= {minimum:g}, got {text!r}")
     return value
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .config import ConfigError
-
     argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        args = build_parser().parse_args(argv)
-        command = args.command[1:] if args.command[:1] == ["--"] else args.command
-        workers = _number(args.num_workers, "-n/--num-workers")
-        timeout = _number(args.timeout, "--timeout", float, 1)
-        grace = _number(args.grace, "--grace", float, 0)
-        rendezvous, servers, port, hosts = None, 0, None, []
-        command_argv(command)  # a command is required
-        if command[0].endswith(".py") and not args.hosts and not os.path.isfile(command[0]):
-            raise LaunchError(f"{command[0]}: no such file")
-        if args.horovod:
-            if args.hosts or args.num_servers:
-                raise LaunchError("--horovod runs on this machine only and has no servers: drop --hosts/-s (use "
-                                  "horovodrun -H for several machines)")
-            children, rendezvous = plan_horovod(workers, command)
-        else:
-            if args.num_servers is None:
-                raise LaunchError("-s/--num-servers is required for a dist_sync job (or pass --horovod)")
-            servers = _number(args.num_servers, "-s/--num-servers")
-            if args.hosts:
-                hosts = read_hosts(args.hosts)
-                port = _number(args.port or "9091", "--port")
-                children = plan_hosts(workers, servers, command, hosts, port, shlex.split(args.ssh), args.interface)
-            else:
-                port = _number(args.port, "--port") if args.port else free_port()
-                children = plan_local(workers, servers, command, port)
-    except (LaunchError, ConfigError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_cli(PROG, lambda: _launch(argv))
+
+
+def _launch(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    workers = _number(args.num_workers, "-n/--num-workers")
+    timeout = _number(args.timeout, "--timeout", float, 1)
+    grace = _number(args.grace, "--grace", float, 0)
+    rendezvous, servers, port, hosts = None, 0, None, []
+    command_argv(command)  # a command is required
+    if command[0].endswith(".py") and not args.hosts and not os.path.isfile(command[0]):
+        raise UserError(f"{command[0]}: no such file")
     if args.horovod:
+        if args.hosts or args.num_servers:
+            raise UserError("--horovod runs on this machine only and has no servers: drop --hosts/-s (use "
+                            "horovodrun -H for several machines)")
+        children, rendezvous = plan_horovod(workers, command)
         _log(f"{workers} horovod process(es) over gloo on 127.0.0.1, rendezvous port {rendezvous.server_port}; "
              f"timeout {timeout:g}s")
     else:
+        if args.num_servers is None:
+            raise UserError("-s/--num-servers is required for a dist_sync job (or pass --horovod)")
+        servers = _number(args.num_servers, "-s/--num-servers")
+        if args.hosts:
+            hosts = read_hosts(args.hosts)
+            port = _number(args.port or "9091", "--port")
+            children = plan_hosts(workers, servers, command, hosts, port, shlex.split(args.ssh), args.interface)
+        else:
+            port = _number(args.port, "--port") if args.port else free_port()
+            children = plan_local(workers, servers, command, port)
         where = f"hosts {', '.join(hosts)}" if args.hosts else "127.0.0.1"
         _log(f"{workers} worker(s), {servers} server(s), scheduler port {port} ({where}); timeout {timeout:g}s")
     try:
         return run_job(children, timeout, grace)
     except OSError as exc:
-        print(f"{PROG}: error: could not start {exc.filename or 'a process'}: {exc.strerror}", file=sys.stderr)
-        return EXIT_FAILED
+        raise RunFailed(f"could not start {exc.filename or 'a process'}: {exc.strerror}") from None
     finally:
         if rendezvous is not None:
             rendezvous.shutdown()

@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Accumulator", "append_jsonl", "read_jsonl", "truncate_jsonl", "plot_curves", "topk_correct"]
+from .console import run_cli
+from .errors import UserError
+from .fileio import atomic_path, atomic_write_text
+
+__all__ = ["Accumulator", "read_jsonl", "truncate_jsonl", "plot_curves", "topk_correct"]
 
 
 def topk_correct(logits: np.ndarray, labels: np.ndarray, k: int) -> int:
@@ -46,15 +50,8 @@ class Accumulator:
         return {"count": self.count, "loss_sum": self.loss_sum, "correct": {str(k): v for k, v in self.correct.items()}}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Accumulator":
+    def from_dict(cls, d: dict) -> Accumulator:
         return cls(d["count"], d["loss_sum"], {int(k): v for k, v in d["correct"].items()})
-
-
-def append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -74,8 +71,6 @@ def read_jsonl(path: str) -> list[dict]:
 
 def truncate_jsonl(path: str, last_epoch: int) -> None:
     """Keep only the epochs <= last_epoch (a resume rewrites what comes after)."""
-    from .checkpoint import atomic_write_text
-
     if not os.path.exists(path):
         return
     kept = [r for r in read_jsonl(path) if r.get("epoch", 0) <= last_epoch]
@@ -88,8 +83,6 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .checkpoint import atomic_replace
 
     records = read_jsonl(jsonl_path)
     if not records:
@@ -114,23 +107,25 @@ def plot_curves(jsonl_path: str, png_path: str) -> None:
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = png_path + ".tmp.png"
-    fig.savefig(tmp, dpi=90)
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, dpi=90, format="png")
     plt.close(fig)
-    atomic_replace(tmp, png_path)
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """``python -m xception_mx.metrics METRICS.jsonl OUT.png``: redraw a run's curves."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 2:
-        print("usage: python -m xception_mx.metrics METRICS.jsonl OUT.png", file=sys.stderr)
-        return 2
-    if not os.path.exists(argv[0]):
-        print(f"error: {argv[0]} not found", file=sys.stderr)
-        return 1
-    plot_curves(argv[0], argv[1])
-    print(f"wrote {argv[1]}")
-    return 0
+
+    def body() -> int:
+        if len(argv) != 2:
+            raise UserError("usage: python -m xception_mx.metrics METRICS.jsonl OUT.png")
+        if not os.path.exists(argv[0]):
+            raise UserError(f"{argv[0]} not found: give a run's metrics.jsonl")
+        plot_curves(argv[0], argv[1])
+        print(f"wrote {argv[1]}")
+        return 0
+
+    return run_cli("xception_mx.metrics", body)
 
 
 if __name__ == "__main__":

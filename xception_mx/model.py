@@ -1,4 +1,4 @@
-"""Xception (Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017) as a Gluon HybridBlock.
+"""Xception (Chollet, "Xception: Deep Learning with Depthwise Separable Convolutions", CVPR 2017), a Gluon HybridBlock.
 
 The network reads top to bottom like the paper's Figure 5: entry flow (stem + blocks 1-3), middle flow (blocks 4-11,
 the same block eight times), exit flow (block 12, two separable convs, global average pooling, classifier).
@@ -13,7 +13,7 @@ feature extractor under ``features.``; importing timm weights is a rename (BN we
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import mxnet as mx
 from mxnet.gluon import nn
@@ -126,7 +126,8 @@ class KerasSameMaxPool2D(nn.HybridBlock):
     after, so it is asymmetric (0 before, 1 after) when the side ``n`` is even at stride 2 (74 px at 299 input). Read
     from the far end, the windows always start one pixel before the edge; so this is the symmetric pad-1 pool applied
     to the image flipped in H and W, flipped back. It needs no input shape (hybridizes and exports), and the padding
-    never wins the max (MXNet pads max pools with the lowest value). ``pooling_convention='same'`` raises in mxnet 1.9.1.
+    never wins the max (MXNet pads max pools with the lowest value). ``pooling_convention='same'`` raises in
+    mxnet 1.9.1.
     """
 
     def __init__(self, strides: int = 2, **kwargs):

@@ -12,7 +12,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from xception_mx.convert import read_timm, timm_to_params  # noqa: E402
+from xception_mx.weight_formats import read_timm, timm_to_params  # noqa: E402
 
 
 def main() -> None:

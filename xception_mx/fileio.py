@@ -1,0 +1,98 @@
+"""Atomic file writes (write a temporary file in the target's folder, fsync it, rename it, fsync the folder).
+
+Every writer of the package and of ``im2rec_tools`` goes through here, so a crash or a full disk never leaves a
+half-written file under a final name. Temporary names are ``.<name>.<random>.tmp<ext>`` beside the target.
+Imports no MXNet.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+__all__ = ["fsync_dir", "atomic_replace", "atomic_paths", "atomic_path", "atomic_write_text", "atomic_write_bytes",
+           "append_synced", "TMP_SUFFIX"]
+
+TMP_SUFFIX = ".tmp"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a folder so a rename inside it survives a power cut (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_replace(tmp_path: str, final_path: str) -> None:
+    """fsync ``tmp_path``, rename it over ``final_path`` (same folder), then fsync the folder."""
+    with open(tmp_path, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp_path, final_path)
+    fsync_dir(os.path.dirname(os.path.abspath(final_path)))
+
+
+def _tmp_for(final_path: str) -> str:
+    folder, base = os.path.split(os.path.abspath(final_path))
+    ext = os.path.splitext(base)[1]  # kept last: writers such as matplotlib pick the format from it
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=TMP_SUFFIX + ext, dir=folder)
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; final files follow the umask like any other file
+    return tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(*final_paths: str) -> Iterator[list[str]]:
+    """Yield temporary paths for ``final_paths``; on success they replace the finals in the order given.
+
+    On an exception (disk full, a signal) the temporaries are removed and the finals are untouched.
+    """
+    tmps: list[str] = []
+    try:
+        for path in final_paths:
+            tmps.append(_tmp_for(path))
+        yield list(tmps)
+        for tmp, final in zip(tmps, final_paths):
+            atomic_replace(tmp, final)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(final_path: str) -> Iterator[str]:
+    """One-file form of :func:`atomic_paths`."""
+    with atomic_paths(final_path) as (tmp,):
+        yield tmp
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_synced(path: str, text: str) -> None:
+    """Append ``text`` and fsync (an append-only log: a crash can cut only its last line)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())

@@ -1,0 +1,187 @@
+"""Plan a training run once, before anything is built: ``plan_run(argv) -> RunPlan``. Imports no MXNet.
+
+The command line is parsed once and the YAML read once. A continued run (``--resume``, ``--model-load-epoch``,
+``--retrain``) takes its base configuration from one saved source, the checkpoint's manifest; what the command
+says (a ``--config`` file, then flags) overrides it. A resume refuses any change of the optimiser, schedule or
+batch size, whether it comes from a flag or an edited ``--config`` file; ``--retrain`` starts a new schedule at the
+loaded epoch. The engine is chosen here (``train_main`` exports it before MXNet loads), and the run-level checks
+(devices, precision, shards and their record headers, an existing run in a fresh folder) run here too.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from .config import build_parser, load_yaml, resolve
+from .errors import UserError
+from .records import check_records, find_shards
+from .runfolder import RunFolder, prefixes_in
+
+__all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
+           "DISTRIBUTED_KV_STORES", "wants_serial_engine"]
+
+log = logging.getLogger("xception_mx.plan")
+
+#: Keys that define the optimiser and schedule: a resume continues the saved ones, --retrain starts new ones.
+SCHEDULE_KEYS = ("optimizer", "lr", "lr_mode", "lr_decay", "lr_decay_period", "lr_step_epochs", "poly_power",
+                 "target_lr", "warmup_epochs", "warmup_lr")
+#: What a resume may not change (the batch size fixes the steps per epoch, and so the schedule's positions).
+FIXED_ON_RESUME = SCHEDULE_KEYS + ("batch_size",)
+#: How this command continues a run: taken from the command alone, never from a saved configuration.
+RUN_CONTROL_KEYS = ("resume", "retrain", "model_load_epoch")
+#: Multi-process KVStore types. ``deterministic: auto`` keeps MXNet's threaded engine for them: the serial engine
+#: works with ps-lite and Horovod but does not make a multi-process run bit-reproducible, so it would only cost speed.
+DISTRIBUTED_KV_STORES = ("dist_sync", "dist_device_sync", "horovod")
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    epoch: int  # the last complete epoch (0 for a mid-epoch checkpoint taken during epoch 1)
+    manifest: dict
+    partial: bool  # True: the mid-epoch checkpoint written on SIGINT/SIGTERM during epoch + 1
+
+
+@dataclass(frozen=True)
+class Shards:
+    train: list[str]
+    val: list[str]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run needs decided before it is built."""
+    config: dict
+    folder: RunFolder
+    resume: ResumePoint | None  # None: a fresh start
+    retrain: bool
+    schedule: dict  # the schedule's origin: start_epoch, lr, warmup_epochs
+    engine: str  # MXNET_ENGINE_TYPE for this run
+    shards: Shards = field(repr=False)
+
+    @property
+    def start_epoch(self) -> int:
+        return self.resume.epoch if self.resume else 0
+
+
+def wants_serial_engine(config: dict) -> bool:
+    """Whether this run should use MXNet's NaiveEngine (see the ``deterministic`` key)."""
+    mode = config["deterministic"]
+    return mode == "on" or (mode == "auto" and not config["gpus"] and config["kv_store"] not in DISTRIBUTED_KV_STORES)
+
+
+def choose_engine(config: dict, environ: dict) -> str:
+    """Workaround for apache/mxnet#13829: the threaded engine reorders floating-point work between runs, so two
+    identical CPU runs differ in the last bits after a few steps; the serial NaiveEngine makes them bit-identical at
+    no measurable cost on CPU. MXNet reads MXNET_ENGINE_TYPE once, at load; a value the user set is kept."""
+    if "MXNET_ENGINE_TYPE" in environ:
+        return environ["MXNET_ENGINE_TYPE"]
+    return "NaiveEngine" if wants_serial_engine(config) else "ThreadedEnginePerDevice"
+
+
+def plan_run(argv: list[str] | None = None, environ: dict | None = None, check_data: bool = True) -> RunPlan:
+    """Parse ``argv`` (``--config`` YAML, then flags), apply the resume/retrain rules and run the run-level checks."""
+    environ = os.environ if environ is None else environ
+    args = vars(build_parser().parse_args(argv))
+    config_file = args.pop("config", None)
+    given = {**(load_yaml(config_file) if config_file else {}), **args}
+    draft = resolve(given)
+    folder = RunFolder(draft["output_dir"], _prefix(draft, given))
+    point = _resume_point(folder, draft)
+    if point is None:
+        config = draft
+        _refuse_existing_run(folder)
+        schedule = {"start_epoch": 0, "lr": config["lr"], "warmup_epochs": config["warmup_epochs"]}
+    else:
+        saved = {k: v for k, v in point.manifest["config"].items() if k not in RUN_CONTROL_KEYS}
+        config = resolve(saved, given)
+        if config["retrain"]:
+            schedule = {"start_epoch": point.epoch, "lr": config["lr"], "warmup_epochs": 0}
+        else:
+            _refuse_schedule_change(resolve(saved), config, given, args, config_file)
+            schedule = point.manifest["schedule"]
+        if point.epoch >= config["num_epochs"]:
+            raise UserError(f"the checkpoint is at epoch {point.epoch} and num_epochs is {config['num_epochs']}: "
+                            f"raise --num-epochs to train further")
+    _check_devices(config)
+    shards = _find_shards(config) if check_data else Shards([], [])
+    return RunPlan(config, folder, point, bool(config["retrain"]), schedule, choose_engine(config, environ), shards)
+
+
+def _prefix(draft: dict, given: dict) -> str:
+    """The checkpoint prefix: given, else the model's name; a continued run with neither finds it in its folder."""
+    if draft["prefix"] or "model" in given:
+        return draft["prefix"] or draft["model"]
+    if draft["resume"] is None and draft["model_load_epoch"] is None:
+        return draft["model"]
+    found = prefixes_in(draft["output_dir"])
+    if len(found) > 1:
+        raise UserError(f"{draft['output_dir']} holds checkpoints of {len(found)} prefixes ({', '.join(found)}): "
+                        f"pass --prefix to choose one")
+    return found[0] if found else draft["model"]
+
+
+def _resume_point(folder: RunFolder, draft: dict) -> ResumePoint | None:
+    """``--resume`` (no epoch): the latest complete epoch, or the mid-epoch checkpoint that follows it;
+    ``--resume N`` / ``--model-load-epoch N`` (with or without ``--retrain``): epoch N."""
+    if draft["model_load_epoch"] is not None:
+        epoch = draft["model_load_epoch"]
+    elif draft["resume"] is not None:
+        epoch = draft["resume"] or folder.latest()
+        if draft["resume"] == 0:
+            partial = folder.partial_manifest()
+            if partial is not None and partial["epoch"] == (epoch or 0):
+                return ResumePoint(partial["epoch"], partial, True)
+        if epoch is None:
+            raise UserError(f"--resume: no complete checkpoint in {folder.folder} (prefix {folder.prefix!r}); "
+                            f"start without --resume")
+    else:
+        return None
+    return ResumePoint(epoch, folder.manifest(epoch), False)
+
+
+def _refuse_existing_run(folder: RunFolder) -> None:
+    existing = folder.epochs()
+    if existing or folder.partial_manifest() is not None:
+        have = f"epochs {existing[0]}..{existing[-1]}" if existing else "a mid-epoch checkpoint"
+        raise UserError(f"{folder.folder} already holds checkpoints ({have}): pass --resume to continue, "
+                        f"or choose another --output-dir")
+
+
+def _refuse_schedule_change(saved: dict, config: dict, given: dict, flags: dict, config_file: str | None) -> None:
+    """A resume continues the saved optimiser and schedule exactly: a different one, from a flag or from an edited
+    --config file, would be silently ignored, so it is refused."""
+    changed = [k for k in FIXED_ON_RESUME if k in given and config[k] != saved[k]]
+    if not changed:
+        return
+    key = changed[0]
+    flag = "--" + key.replace("_", "-")
+    where = flag if key in flags else f"{key}: {given[key]!r} in {config_file}"
+    raise UserError(f"{where} with --resume: a resume continues the saved optimiser, schedule and batch size "
+                    f"exactly (the run has {key} {saved[key]!r}); to start a new one from epoch N use --retrain "
+                    f"--model-load-epoch N {flag} ...")
+
+
+def _check_devices(config: dict) -> None:
+    devices = len(config["gpus"]) or config["cpus"]
+    if config["batch_size"] % devices and config["kv_store"] in ("device", "local"):
+        raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {devices} devices: "
+                        f"use a multiple of {devices}")
+    if config["dtype"] == "float16" and not config["gpus"]:
+        raise UserError("--dtype float16 needs GPUs (--gpus): MXNet's CPU kernels train in float32")
+
+
+def _find_shards(config: dict) -> Shards:
+    def spec(kind: str) -> str:
+        if config[f"{kind}_rec"]:
+            return config[f"{kind}_rec"]
+        if not config["data_dir"]:
+            raise UserError(f"no {kind} data: give --data-dir DIR (with {kind}*.rec shards) or --{kind}-rec")
+        if not os.path.isdir(config["data_dir"]):
+            raise UserError(f"--data-dir {config['data_dir']!r} is not a folder")
+        return os.path.join(config["data_dir"], kind)
+
+    shards = Shards(find_shards(spec("train")), find_shards(spec("val")))
+    checked = check_records(shards.train + shards.val)
+    log.info("checked the headers of %d records in %d shards", checked, len(shards.train) + len(shards.val))
+    return shards

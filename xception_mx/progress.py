@@ -1,0 +1,73 @@
+"""Progress of an epoch (a tqdm bar on a terminal, else periodic log lines with img/s and ETA) and the stop flag
+that turns SIGINT/SIGTERM into "finish this step, write a checkpoint, stop"."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import time
+
+from .metrics import Accumulator
+
+__all__ = ["Progress", "StopFlag"]
+
+log = logging.getLogger("xception_mx.train")
+
+
+class Progress:
+    """Batches ``start..total`` of one epoch."""
+
+    def __init__(self, epoch: int, total: int, batch_size: int, interval: int, start: int = 0):
+        self.epoch, self.total, self.batch_size, self.interval = epoch, total, batch_size, interval
+        self.start_time = time.time()
+        self.done = self.first = start
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="batch", leave=False)
+
+    def update(self, acc: Accumulator, lr: float) -> None:
+        self.done += 1
+        elapsed = max(time.time() - self.start_time, 1e-9)
+        rate = (self.done - self.first) * self.batch_size / elapsed
+        eta = (self.total - self.done) * self.batch_size / max(rate, 1e-9)
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{acc.loss:.4f}", top1=f"{acc.top(1):.3f}", img_s=f"{rate:.1f}",
+                                 lr=f"{lr:.3g}", refresh=False)
+            self.bar.update(1)
+        elif self.done % self.interval == 0 or self.done == self.total:
+            log.info("epoch %d [%d/%d] loss %.4f top-1 %.4f lr %.4g %.1f img/s ETA %ds", self.epoch, self.done,
+                     self.total, acc.loss, acc.top(1), lr, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class StopFlag:
+    """Remembers SIGINT/SIGTERM (inside a ``with`` block) so the loop can finish its step and write a checkpoint."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: finishing the current step, then writing a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal"

@@ -1,0 +1,143 @@
+"""Shards on disk, without MXNet: find them, check every record header, count records, cut an epoch into batches.
+
+``plan.py`` runs these checks before anything is built; ``data.py`` builds MXNet's iterators on the same shards.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from im2rec_tools.recordfile import HEADER_BYTES, MAGIC
+from im2rec_tools.shards import lookup_shards, read_offsets
+
+from .errors import UserError
+
+__all__ = ["find_shards", "as_paths", "check_records", "count_records", "part_sizes", "EpochPlan", "epoch_plan",
+           "num_train_batches", "check_labels", "read_classes"]
+
+
+def find_shards(spec: str) -> list[str]:
+    """Sorted absolute ``.rec`` paths for a spec: a shard prefix (``d/train`` -> ``d/train-NNNNN-of-NNNNN.rec``,
+    or ``d/train.rec``), a glob (``d/train-*.rec``), one ``.rec`` path, or a ``;``-separated list of those.
+
+    UserError if a part matches nothing, a ``.rec`` lacks its ``.idx``, or a numbered set has a hole or mixes two
+    packs (a shard missing from ``train-*-of-00008`` would otherwise silently train on 7/8 of the data).
+    """
+    lookup = lookup_shards(spec)
+    if lookup.problems:
+        more = f" (and {len(lookup.problems) - 1} more problems)" if len(lookup.problems) > 1 else ""
+        raise UserError(lookup.problems[0] + more)
+    return lookup.rec_paths
+
+
+def as_paths(rec_paths: str | Sequence[str]) -> list[str]:
+    paths = find_shards(rec_paths) if isinstance(rec_paths, str) else [os.path.abspath(p) for p in rec_paths]
+    if not paths:
+        raise UserError("empty shard set: no .rec files given")
+    return paths
+
+
+def _offsets(rec: str) -> list[int]:
+    return read_offsets(rec)
+
+
+def check_records(rec_paths: str | Sequence[str]) -> int:
+    """Check the header of every record the ``.idx`` files point at (8 bytes each, nothing decoded).
+
+    MXNet's C++ reader aborts the whole process on a broken record header (``Check failed: p[0] ==
+    RecordIOWriter::kMagic``), possibly days into a run; this finds it at start, as one line naming the shard
+    and record. Returns the number of records checked. ``im2rec-tools verify --decode`` also decodes every image.
+    """
+    total = 0
+    for rec in as_paths(rec_paths):
+        offsets = _offsets(rec)
+        size = os.path.getsize(rec)
+        with open(rec, "rb") as f:
+            for index, offset in enumerate(offsets):
+                f.seek(offset)
+                header = f.read(HEADER_BYTES)
+                magic, lrec = struct.unpack("<II", header) if len(header) == HEADER_BYTES else (None, 0)
+                end = offset + HEADER_BYTES + (((lrec & ((1 << 29) - 1)) + 3) & ~3)
+                if magic != MAGIC or lrec >> 29 not in (0, 1) or end > size:
+                    raise UserError(f"{rec}: record {index} (byte {offset}) is corrupt: check the shards with "
+                                    f"`im2rec-tools verify` and repack the bad one")
+        total += len(offsets)
+    return total
+
+
+def count_records(rec_paths: str | Sequence[str]) -> int:
+    """Number of records in the shards, from their ``.idx`` files (cached; cheap integrity checks included)."""
+    return sum(len(_offsets(p)) for p in as_paths(rec_paths))
+
+
+def part_sizes(num_records: int, num_parts: int) -> list[int]:
+    """Records per part as MXNet (dmlc-core IndexedRecordIOSplitter) splits them: ``ceil(N/P)`` each, the rest last."""
+    step = -(-num_records // num_parts)
+    return [max(0, min(num_records, (i + 1) * step) - i * step) for i in range(num_parts)]
+
+
+def check_parts(batch_size: int, num_parts: int, part_index: int) -> None:
+    if batch_size < 1 or num_parts < 1 or not 0 <= part_index < num_parts:
+        raise ValueError(f"need batch_size >= 1 and 0 <= part_index < num_parts, got batch_size={batch_size}, "
+                         f"part_index={part_index}, num_parts={num_parts}")
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """How one training epoch is cut into batches."""
+    records: int
+    part_sizes: tuple[int, ...]
+    batches_per_part: int
+    dropped_per_epoch: int  # records not seen in an epoch: each part's remainder after its full batches
+
+
+def epoch_plan(rec_paths: str | Sequence[str], batch_size: int, num_parts: int = 1) -> EpochPlan:
+    """Batches per part and records dropped per epoch for ``train_iter`` (0 batches: too few records)."""
+    check_parts(batch_size, num_parts, 0)
+    n = count_records(rec_paths)
+    sizes = part_sizes(n, num_parts)
+    batches = min(sizes) // batch_size
+    return EpochPlan(n, tuple(sizes), batches, n - batches * batch_size * num_parts)
+
+
+def num_train_batches(rec_paths: str | Sequence[str], batch_size: int, num_parts: int = 1) -> int:
+    """Full batches every part of ``train_iter`` yields per epoch; 0 when the smallest part holds less than a batch."""
+    return epoch_plan(rec_paths, batch_size, num_parts).batches_per_part
+
+
+def check_labels(label, num_classes: int) -> None:
+    """UserError unless every label (an array, or an NDArray) is a whole number in ``0 .. num_classes-1``."""
+    values = label.asnumpy() if hasattr(label, "asnumpy") else np.asarray(label)
+    bad = ~np.isfinite(values) | (values < 0) | (values >= num_classes) | (values != np.round(values))
+    if bad.any():
+        raise UserError(f"label {values[bad].flat[0]:g} is outside 0..{num_classes - 1}: the shards hold more "
+                        f"classes than the model's {num_classes} (check classes.txt and num_classes)")
+
+
+def read_classes(path: str | None, num_classes: int | None = None) -> list[str]:
+    """Class names in label order from ``classes.txt`` (``im2rec-tools make-list``); no path: the label numbers.
+
+    With ``num_classes`` the file must name exactly that many classes.
+    """
+    if not path:
+        return [str(i) for i in range(num_classes or 0)]
+    from im2rec_tools.listing import read_classes as read_class_file
+
+    names = read_class_file(path)
+    if num_classes is not None and len(names) != num_classes:
+        raise UserError(f"{path} names {len(names)} classes, the model has {num_classes}: give the classes.txt "
+                        f"of the data the model was trained on")
+    return names
+
+
+def derived_seeds(*parts: int, n: int = 1) -> list[int]:
+    """``n`` independent 31-bit seeds from ``parts`` (e.g. the run's seed and an epoch); MXNet takes 31-bit seeds.
+
+    The one seeding scheme of the project: data order and augmentation per epoch and part, and the trainer's
+    per-epoch dropout and mixup streams.
+    """
+    return [int(v % 2**31) for v in np.random.SeedSequence(list(parts)).generate_state(n)]
