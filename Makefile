@@ -33,7 +33,7 @@ test: venv
 
 # Lint and the tests that need neither Horovod nor the reference venv and take under ~20 s each (markers: pyproject.toml).
 test-fast: lint
-	$(BIN)/python -m pytest -q -m "not slow and not distributed and not parity" tests
+	$(BIN)/python -m pytest -q -m "not slow and not distributed and not parity and not faults" tests
 
 demo: venv
 	bash scripts/demo.sh

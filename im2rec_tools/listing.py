@@ -8,6 +8,7 @@ image's position in the sorted full listing, so train and val ids never collide 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import random
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from xception_mx.errors import UserError
-from xception_mx.fileio import atomic_path, atomic_write_text
+from xception_mx.fileio import atomic_path, atomic_write_text, printable_path, read_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp")
 
@@ -55,11 +56,7 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
         notes.append(f"ignored {len(loose)} images directly in {root} (not inside a class folder)")
     items = []
     for name in classes:
-        class_dir = os.path.join(root, name)
-        found = []
-        for folder, dirs, files in os.walk(class_dir, followlinks=True):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            found.extend(os.path.relpath(os.path.join(folder, f), root) for f in files if is_image_name(f))
+        found = _walk_images(root, os.path.join(root, name))
         if not found:
             notes.append(f"class folder {name!r} has no images")
         items.extend((path, name) for path in found)
@@ -69,25 +66,52 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
     return classes, items, notes
 
 
+def _walk_images(root: str, class_dir: str) -> list[str]:
+    """Relative paths of the images below ``class_dir``, following links; one line for a link loop or a file name
+    that is not UTF-8 (``os.walk`` would loop through a link cycle until the path length gives out)."""
+    found, seen = [], {os.path.realpath(class_dir)}
+    for folder, dirs, files in os.walk(class_dir, followlinks=True):
+        kept = []
+        for d in dirs:
+            if d.startswith("."):
+                continue
+            real = os.path.realpath(os.path.join(folder, d))
+            if real in seen:
+                raise UserError(f"{printable_path(os.path.join(folder, d))} leads to {printable_path(real)}, which "
+                                f"the listing already reached (a symbolic link loop, or two links to one folder): "
+                                f"remove the link")
+            seen.add(real)
+            kept.append(d)
+        dirs[:] = kept
+        for f in files:
+            if is_image_name(f):
+                path = os.path.join(folder, f)
+                if printable_path(path) != path:
+                    raise UserError(f"{printable_path(path)}: the file name is not UTF-8, so it cannot go into a "
+                                    f".lst file; rename it (e.g. convmv -f latin1 -t utf-8)")
+                found.append(os.path.relpath(path, root))
+    return found
+
+
 def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
     """[(relative path, class name)] from ``relative_path,class_name`` rows; a header row is allowed."""
     if not os.path.isfile(csv_path):
         raise UserError(f"labels file {csv_path} does not exist")
     items, seen = [], set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as f:
-        for row_no, row in enumerate(csv.reader(f), 1):
-            if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
-                continue
-            if len(row) < 2 or not row[0].strip() or not row[1].strip():
-                raise UserError(f"{csv_path} row {row_no} is not 'relative_path,class_name': {','.join(row)[:80]!r}")
-            path, name = os.path.normpath(row[0].strip()), row[1].strip()
-            if not items and not is_image_name(os.path.basename(path)) \
-                    and not os.path.isfile(os.path.join(root, path)):
-                continue  # header row
-            if path in seen:
-                raise UserError(f"{csv_path} row {row_no} lists {path} a second time")
-            seen.add(path)
-            items.append((path, name))
+    text = read_text(csv_path, "labels file", encoding="utf-8-sig")
+    for row_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
+            continue
+        if len(row) < 2 or not row[0].strip() or not row[1].strip():
+            raise UserError(f"{csv_path} row {row_no} is not 'relative_path,class_name': {','.join(row)[:80]!r}")
+        path, name = os.path.normpath(row[0].strip()), row[1].strip()
+        if not items and not is_image_name(os.path.basename(path)) \
+                and not os.path.isfile(os.path.join(root, path)):
+            continue  # header row
+        if path in seen:
+            raise UserError(f"{csv_path} row {row_no} lists {path} a second time")
+        seen.add(path)
+        items.append((path, name))
     if not items:
         raise UserError(f"labels file {csv_path} has no rows")
     missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, p))]
@@ -102,14 +126,13 @@ def read_classes(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"classes file {path} does not exist")
     names = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            label, _, name = line.rstrip("\n").partition("\t")
-            if not label.strip().isdigit() or int(label) != len(names) or not name:
-                raise UserError(f"{path} line {line_no} should be '{len(names)}<TAB>class name', got {line.strip()!r}")
-            names.append(name)
+    for line_no, line in enumerate(read_text(path, "classes file").splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        label, _, name = line.rstrip("\n").partition("\t")
+        if not label.strip().isdigit() or int(label) != len(names) or not name:
+            raise UserError(f"{path} line {line_no} should be '{len(names)}<TAB>class name', got {line.strip()!r}")
+        names.append(name)
     if not names:
         raise UserError(f"classes file {path} is empty")
     return names
@@ -170,24 +193,23 @@ def read_lst(path: str) -> list[ListEntry]:
     if not os.path.isfile(path):
         raise UserError(f"image list {path} does not exist (make one with `im2rec-tools make-list`)")
     entries, seen = [], set()
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = [x.strip() for x in line.rstrip("\n").split("\t")]
-            try:
-                if len(fields) != 3:
-                    raise ValueError
-                index, label, rel = int(fields[0]), float(fields[1]), fields[2]
-                if not rel or not math.isfinite(label) or label < 0 or label != int(label):
-                    raise ValueError
-            except ValueError:
-                raise UserError(f"{path} line {line_no} is not 'index<TAB>class label<TAB>path' with a whole "
-                                f"non-negative label: {line.strip()[:80]!r}") from None
-            if index in seen:
-                raise UserError(f"{path} line {line_no} repeats index {index}: indices must be unique")
-            seen.add(index)
-            entries.append(ListEntry(index, int(label), rel))
+    for line_no, line in enumerate(read_text(path, "image list").splitlines(keepends=True), 1):
+        if not line.strip():
+            continue
+        fields = [x.strip() for x in line.rstrip("\n").split("\t")]
+        try:
+            if len(fields) != 3:
+                raise ValueError
+            index, label, rel = int(fields[0]), float(fields[1]), fields[2]
+            if not rel or not math.isfinite(label) or label < 0 or label != int(label):
+                raise ValueError
+        except ValueError:
+            raise UserError(f"{path} line {line_no} is not 'index<TAB>class label<TAB>path' with a whole "
+                            f"non-negative label: {line.strip()[:80]!r}") from None
+        if index in seen:
+            raise UserError(f"{path} line {line_no} repeats index {index}: indices must be unique")
+        seen.add(index)
+        entries.append(ListEntry(index, int(label), rel))
     if not entries:
         raise UserError(f"image list {path} is empty")
     return entries

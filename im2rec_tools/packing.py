@@ -3,9 +3,10 @@
 Images are spread evenly over the shards in list order (shard ``s`` gets entries ``s*n//N`` .. ``(s+1)*n//N - 1``),
 decoded and re-encoded on worker processes (``mx.recordio.pack`` then writes each record; the per-image work is
 hand-written in ``images.py`` because ``mxnet.tools.im2rec.image_encode`` neither reports why a file failed nor
-handles alpha or 16-bit inputs). A shard is written under ``.tmp`` names, fsynced and renamed, ``.rec`` first and the
-``.idx`` last, so a shard whose ``.rec`` and ``.idx`` both exist is complete: a rerun after an interruption builds only
-the others. Unreadable files are skipped (never half-written) and listed in ``PREFIX-skipped.txt``.
+handles alpha or 16-bit inputs). A shard is written under temporary names, fsynced and renamed: ``.rec`` first, then
+``.crc`` (a CRC-32 per record, which ``verify`` checks), the ``.idx`` last, so a shard whose ``.rec`` and ``.idx``
+both exist is complete: a rerun after an interruption builds only the others. Unreadable files are skipped (never
+half-written) and listed in ``PREFIX-skipped.txt``.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from xception_mx.fileio import atomic_paths, atomic_write_text
 
 from .images import ImageDecodeError, prepare_jpeg
 from .listing import ListEntry, check_out_prefix, read_lst
-from .shards import idx_path_for, shard_path
+from .shards import checksum_path_for, compute_checksums, idx_path_for, shard_path
 
 SKIPPED_HEADER = "# shard\tindex\tpath\treason\n"
 
@@ -75,7 +76,8 @@ def _write_shard(rec_path: str, shard: int, entries: Sequence[ListEntry],
     if os.path.exists(idx_path):
         os.remove(idx_path)  # the .idx marks a complete shard: drop it before the .rec is replaced
     outcome = ShardOutcome(rec_path, 0, True)
-    with atomic_paths(rec_path, idx_path) as (tmp_rec, tmp_idx):  # renamed .rec first, then .idx
+    # Renamed .rec first, then the checksums, then the .idx (whose presence marks a complete shard).
+    with atomic_paths(rec_path, checksum_path_for(rec_path), idx_path) as (tmp_rec, tmp_crc, tmp_idx):
         writer = mx.recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
         try:
             for entry, (index, jpeg, reason) in zip(entries, results):
@@ -89,6 +91,8 @@ def _write_shard(rec_path: str, shard: int, entries: Sequence[ListEntry],
                 progress.update(1)
         finally:
             writer.close()
+        with open(tmp_crc, "w", encoding="utf-8") as f:
+            f.write(compute_checksums(tmp_rec, tmp_idx))
     return outcome
 
 

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import time
+import zlib
 from dataclasses import dataclass, field
 
 from xception_mx.errors import UserError
@@ -213,3 +214,92 @@ def _prune(cache_dir: str, keep: str, max_age_days: float = 30) -> None:
                     os.remove(entry.path)
             except OSError:
                 pass  # another process got there first
+
+
+# ------------------------------------------------------------------------------------------------------ checksums
+# RecordIO has no checksum (TFRecord has a CRC per record); ``pack`` writes one per record into a sidecar beside the
+# ``.idx``. Hand-written: no MXNet tool writes or checks one. CRC-32 (zlib, stdlib) over each record's bytes in the
+# ``.rec``, from its offset to the next record's.
+
+CHECKSUM_HEADER = "# im2rec_tools record checksums v1: key<TAB>offset<TAB>bytes<TAB>crc32 of the record's bytes\n"
+
+
+def checksum_path_for(rec_path: str) -> str:
+    """``d/train-00000-of-00004.rec`` -> ``d/train-00000-of-00004.crc``."""
+    return (rec_path[:-4] if rec_path.endswith(".rec") else rec_path) + ".crc"
+
+
+def _index_entries(idx_path: str) -> list[tuple[str, int]]:
+    entries = []
+    with open(idx_path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            fields = line.rstrip("\n").split("\t")
+            if len(fields) == 2 and fields[1].isdigit():
+                entries.append((fields[0], int(fields[1])))
+    return sorted(entries, key=lambda e: e[1])
+
+
+def record_spans(idx_path: str, rec_size: int) -> list[tuple[str, int, int]]:
+    """(key, offset, bytes) of every indexed record, in file order: each runs to the next one (the last: the end)."""
+    entries = _index_entries(idx_path)
+    ends = [offset for _, offset in entries[1:]] + [rec_size]
+    return [(key, offset, end - offset) for (key, offset), end in zip(entries, ends)]
+
+
+def compute_checksums(rec_path: str, idx_path: str) -> str:
+    """The sidecar's text for a shard (its ``.rec`` and ``.idx`` may still be under temporary names)."""
+    lines = [CHECKSUM_HEADER]
+    with open(rec_path, "rb") as f:
+        for key, offset, size in record_spans(idx_path, os.path.getsize(rec_path)):
+            f.seek(offset)
+            lines.append(f"{key}\t{offset}\t{size}\t{zlib.crc32(f.read(size)):08x}\n")
+    return "".join(lines)
+
+
+def read_checksums(rec_path: str) -> dict[int, tuple[str, int, int]] | None:
+    """{offset: (key, bytes, crc32)} from the shard's sidecar; None when it has none (packed by MXNet's im2rec.py)."""
+    path = checksum_path_for(rec_path)
+    if not os.path.isfile(path):
+        return None
+    out = {}
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line_no, line in enumerate(f, 1):
+            if line.startswith("#") or not line.strip():
+                continue
+            fields = line.rstrip("\n").split("\t")
+            try:
+                key, offset, size, crc = fields[0], int(fields[1]), int(fields[2]), int(fields[3], 16)
+            except (IndexError, ValueError):
+                raise UserError(f"{path} line {line_no} is not 'key<TAB>offset<TAB>bytes<TAB>crc32': repack the "
+                                f"shard or delete the checksum file") from None
+            out[offset] = (key, size, crc)
+    return out
+
+
+def checksum_problems(rec_path: str, full: bool = True) -> list[tuple[str, str]] | None:
+    """[(where, reason)] for every record whose bytes or place disagree with the sidecar; None without one.
+
+    ``full=False`` compares only the record count and offsets (no reading of the ``.rec``).
+    """
+    sums = read_checksums(rec_path)
+    if sums is None:
+        return None
+    spans = record_spans(idx_path_for(rec_path), os.path.getsize(rec_path))
+    problems = []
+    if len(sums) != len(spans):
+        problems.append(("checksum file", f"lists {len(sums)} records, the .idx {len(spans)}: they are not of the "
+                                          f"same pack"))
+    with open(rec_path, "rb") as f:
+        for i, (key, offset, size) in enumerate(spans):
+            where = f"index {i} (key {key}, byte {offset})"  # as verify names a record
+            if offset not in sums or sums[offset][0] != key:
+                problems.append((where, "not in the checksum file at this offset: the .idx does not belong to this "
+                                        "shard's pack"))
+                continue
+            if not full:
+                continue
+            f.seek(offset)
+            data = f.read(size)
+            if len(data) != sums[offset][1] or zlib.crc32(data) != sums[offset][2]:
+                problems.append((where, "checksum mismatch: its bytes changed since it was packed (corrupt data)"))
+    return problems

@@ -3,8 +3,10 @@
 Per shard: each ``.idx`` line parses; its offsets, in order, start at byte 0 and each points at a valid record that
 ends exactly where the next one starts (the last one at the end of the file), so the ``.rec`` has exactly as many
 records as the ``.idx``; each record's header (``mx.recordio.unpack``) has one finite whole non-negative label and the
-id the ``.idx`` key names; the image header parses (Pillow, no decode) or, with ``--decode``, the whole image decodes
-(OpenCV) to 3 channels.
+id the ``.idx`` key names; every record's bytes match the CRC-32 that ``pack`` wrote into the ``.crc`` beside the
+``.idx`` (shards packed by MXNet's im2rec.py have none: said once per shard); the image header parses (Pillow, no
+decode) or, with ``--decode``, the whole image decodes (OpenCV) to 3 channels without a libjpeg warning (libjpeg
+decodes damaged data with a warning on stderr and gray blocks, so a warning counts as damage).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from .recordfile import RecordError, read_record
-from .shards import idx_path_for, lookup_shards
+from .shards import checksum_problems, idx_path_for, lookup_shards
 
 
 @dataclass
@@ -28,6 +30,7 @@ class ShardReport:
     labels: Counter = field(default_factory=Counter)
     heights: tuple[int, int] | None = None  # (min, max)
     widths: tuple[int, int] | None = None
+    checksummed: bool = False  # a .crc was there and checked
 
 
 def _grow(span: tuple[int, int] | None, value: int) -> tuple[int, int]:
@@ -40,19 +43,46 @@ def _image_size(data: bytes, decode: bool) -> tuple[int, int]:
         import cv2
         import numpy as np
 
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        img, warning = _decode_watching_stderr(lambda: cv2.imdecode(np.frombuffer(data, np.uint8),
+                                                                     cv2.IMREAD_UNCHANGED))
         if img is None:
             raise ValueError("image does not decode")
+        if warning:
+            raise ValueError(f"damaged image data (libjpeg: {warning})")
         if img.ndim != 3 or img.shape[2] != 3:
             raise ValueError(f"image has {1 if img.ndim == 2 else img.shape[2]} channels, expected 3")
         return img.shape[0], img.shape[1]
     from PIL import Image
 
+    from xception_mx.records import image_problem
+
+    problem = image_problem(data)  # what makes MXNet's reader die (SIGFPE), which Pillow's header parse lets by
+    if problem:
+        raise ValueError(problem.removeprefix("holds ").removeprefix("is "))
     try:
         with Image.open(io.BytesIO(data)) as im:
             return im.size[1], im.size[0]
     except Exception as e:  # Pillow raises several types for unknown or broken headers
         raise ValueError(f"image header does not parse ({type(e).__name__})") from None
+
+
+def _decode_watching_stderr(decode):
+    """Run ``decode()`` with file descriptor 2 captured: libjpeg reports damaged data only as a warning there."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            result = decode()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace").strip()
+    lines = [line for line in text.splitlines() if "JPEG" in line or "jpeg" in line]
+    return result, (lines[0].strip()[:120] if lines else "")
 
 
 def _check_payload(payload: bytes, key: str, decode: bool) -> tuple[int, tuple[int, int]]:
@@ -118,6 +148,9 @@ def verify_shard(rec_path: str, decode: bool = False, progress: bool = False) ->
     if expected_start < size:
         report.bad.append(("end of .rec", f"{size - expected_start} bytes after the last indexed record are not "
                                           f"covered by the .idx"))
+    problems = checksum_problems(rec_path)
+    report.checksummed = problems is not None
+    report.bad.extend(problems or [])
     return report
 
 
@@ -168,6 +201,11 @@ def format_report(reports: list[ShardReport], problems: list[str], decode: bool)
             heights = _grow(_grow(heights, r.heights[0]), r.heights[1])
             widths = _grow(_grow(widths, r.widths[0]), r.widths[1])
     lines.append(f"total: {total} good records in {len(reports)} shards")
+    unchecked = [r for r in reports if not r.checksummed]
+    if unchecked:
+        names = ", ".join(os.path.basename(r.rec_path) for r in unchecked[:3]) + (" ..." if len(unchecked) > 3 else "")
+        lines.append(f"note: {len(unchecked)} shard(s) have no .crc checksum file (packed by MXNet's im2rec.py?), so "
+                     f"their bytes cannot be checksum-verified: {names}")
     if labels:
         n_classes = max(labels) + 1
         counts = [labels.get(c, 0) for c in range(n_classes)]
@@ -188,5 +226,6 @@ def format_report(reports: list[ShardReport], problems: list[str], decode: bool)
     if total == 0 and not bad and not problems:
         lines.append("FAILED: the shards hold no records")
     else:
-        lines.append("OK" if ok else f"FAILED: {len(bad)} bad records, {len(problems)} missing files")
+        records = len({(rec_path, where) for rec_path, where, _ in bad})  # a record can have several problems
+        lines.append("OK" if ok else f"FAILED: {records} bad records, {len(problems)} missing files")
     return "\n".join(lines), ok

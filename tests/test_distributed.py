@@ -240,8 +240,11 @@ def test_cli_dist_sync_run_resume_and_single_process_resume(colour_shards, tmp_p
     assert result.stdout.count("resuming from the end of epoch 1") == 2
     again = _state(resumed, 2)
     assert sorted(again) == sorted(state2)
+    # Not bit for bit: distributed runs keep the threaded engine (apache/mxnet#13829). Two identical uninterrupted
+    # 2-worker runs of this test already differ by up to 3e-4 (relative, measured on 1.9.1 here), mostly in the BN
+    # running statistics (momentum 0.5); a broken resume differs by orders of magnitude more.
     for key in state2:
-        np.testing.assert_allclose(again[key], state2[key], rtol=1e-4, atol=1e-5, err_msg=key)
+        np.testing.assert_allclose(again[key], state2[key], rtol=1e-3, atol=1e-4, err_msg=key)
     assert manifest["engine"] == "ThreadedEnginePerDevice"
 
     # Resume the distributed checkpoint in one process: same global batch, same schedule position.

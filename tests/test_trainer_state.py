@@ -1,4 +1,5 @@
 """Trainer.state() and restore() are one symmetric pair: state -> restore into a fresh Trainer -> state, bit for bit."""
+import os
 import signal
 
 import numpy as np
@@ -30,6 +31,7 @@ def _assert_same(a, b):
 @pytest.mark.parametrize("where", ["epoch_boundary", "mid_epoch"])
 def test_state_restore_state_round_trip_is_bit_exact(colour_shards, tmp_path, ema, where):
     trainer = _trainer(colour_shards, tmp_path / "a", "--ema", ema, "--optimizer", "adam", "--lr", "0.002")
+    os.makedirs(trainer.folder.folder)
     trainer._start()
     if where == "epoch_boundary":
         trainer._finish_epoch(1, trainer.train_epoch(1, stop=type("NoStop", (), {"signum": None})()).record)

@@ -1,12 +1,14 @@
-"""What a run builds from its configuration: the network, the learning-rate schedule, the optimizer's settings."""
+"""What a run builds from its configuration: the network, the learning-rate schedule, the optimizer's settings, the
+training and validation iterators of one worker."""
 from __future__ import annotations
 
-from . import finetune
+from . import data, finetune
 from .errors import UserError
 from .model import Xception, get_model
+from .protocol import Preprocess
 from .schedule import build_lr_scheduler
 
-__all__ = ["build_net", "build_schedule", "optimizer_params"]
+__all__ = ["build_net", "build_schedule", "optimizer_params", "train_data", "val_data"]
 
 
 def build_net(config: dict) -> Xception:
@@ -38,3 +40,21 @@ def optimizer_params(config: dict, lr_scheduler) -> dict:
     elif config["optimizer"] == "rmsprop":
         params["gamma1"] = config["momentum"]
     return params
+
+
+def train_data(config: dict, shards: list[str], batch: int, epoch: int, num_parts: int, part: int):
+    """One epoch of training batches of part ``part`` (this worker) of ``num_parts``."""
+    size = config["input_size"]
+    return data.train_iter(
+        shards, batch, (3, size, size), epoch=epoch, seed=config["seed"], num_parts=num_parts, part_index=part,
+        mean=tuple(config["mean"]), std=tuple(config["std"]), min_area=config["min_area"], mirror=config["mirror"],
+        color_jitter=config["color_jitter"], pca_noise=config["pca_noise"],
+        preprocess_threads=config["preprocess_threads"])
+
+
+def val_data(config: dict, shards: list[str], batch: int, num_parts: int, part: int):
+    """Validation batches of this worker's part, under the run's evaluation protocol."""
+    size, pre = config["input_size"], Preprocess.from_config(config)
+    return data.val_iter(shards, batch, (3, size, size), crop_pct=pre.crop_pct, mean=pre.mean, std=pre.std,
+                         inter_method=pre.inter_method, num_parts=num_parts, part_index=part,
+                         preprocess_threads=config["preprocess_threads"])

@@ -2,22 +2,58 @@
 
 A checkpoint is written export, state arrays, manifest (last; see ``runfolder`` for the layout), each atomically.
 The state is an ``mx.nd.save`` file (no pickle): raw weights (``param/``), optimizer states (``optim/``, see
-``optim_state``) and EMA weights (``ema/``), all by structured name.
+``optim_state``) and EMA weights (``ema/``), all by structured name. The manifest records the state file's name,
+size and CRC-32, so a manifest is never paired with another checkpoint's arrays and corruption is named on load.
+Disk full (or any failed write) while saving is one line naming the folder and its free space; what was saved
+before stays complete.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import shutil
 import tempfile
+import time
 
 import mxnet as mx
 from mxnet import gluon
 
-from .fileio import atomic_path, atomic_replace
+from .errors import RunFailed, UserError
+from .fileio import atomic_path, atomic_replace, file_crc32
 from .runfolder import RunFolder
 from .weights import read_arrays
 
-__all__ = ["export_atomic", "save_checkpoint", "load_state"]
+__all__ = ["export_atomic", "save_checkpoint", "load_state", "disk_errors"]
+
+
+@contextlib.contextmanager
+def disk_errors(folder: str, what: str):
+    """Turn a failed write (ENOSPC and kin, or MXNet's error for the same) into one line with the free space."""
+    try:
+        yield
+    except (OSError, mx.base.MXNetError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRORS:
+            raise
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or free < 64 << 20:
+            reason = "disk full"
+        else:
+            reason = "could not write (" + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120] + ")"
+        raise RunFailed(f"{reason} while writing {what} in {folder} ({_size(free)} free): the previous checkpoint "
+                        f"is intact; free space, then resume with: train_xception.py --output-dir {folder} "
+                        f"--resume") from None
+
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 def export_atomic(net: gluon.HybridBlock, model_prefix: str, epoch: int) -> None:
@@ -34,17 +70,31 @@ def export_atomic(net: gluon.HybridBlock, model_prefix: str, epoch: int) -> None
 
 def save_checkpoint(folder: RunFolder, epoch: int | None, arrays: dict, manifest: dict,
                     export_net: gluon.HybridBlock | None = None) -> None:
-    """Write the export (unless ``export_net`` is None), the state arrays and, last, the manifest.
+    """Write the export (unless ``export_net`` is None), the state arrays and, last, the manifest naming them.
 
-    ``epoch=None`` writes the mid-epoch checkpoint.
+    ``epoch=None`` writes the mid-epoch checkpoint: a new state file, its manifest, then the old state files go.
     """
-    if export_net is not None:
-        export_atomic(export_net, folder.model_prefix, epoch)
-    with atomic_path(folder.files(epoch).state) as tmp:
-        mx.nd.save(tmp, {k: v.as_in_context(mx.cpu()) for k, v in arrays.items()})
-    folder.write_manifest(epoch, manifest)
+    what = f"the checkpoint of epoch {epoch}" if epoch is not None else "the mid-epoch checkpoint"
+    with disk_errors(folder.folder, what):
+        if export_net is not None:
+            export_atomic(export_net, folder.model_prefix, epoch)
+        token = f"{time.time_ns():x}" if epoch is None else None
+        state = folder.files(epoch, token).state
+        with atomic_path(state) as tmp:
+            mx.nd.save(tmp, {k: v.as_in_context(mx.cpu()) for k, v in arrays.items()})
+        files = {"state_size": os.path.getsize(state), "state_crc32": file_crc32(state)}
+        folder.write_manifest(epoch, {**manifest, "files": {**files, **({"token": token} if token else {})}})
+        if epoch is None:
+            folder.drop_partial_states(keep=state)
 
 
-def load_state(folder: RunFolder, epoch: int | None) -> dict[str, mx.nd.NDArray]:
-    """The state arrays of epoch ``epoch`` (None: the mid-epoch checkpoint)."""
-    return read_arrays(folder.files(epoch).state, "checkpoint state")
+def load_state(folder: RunFolder, epoch: int | None, manifest: dict | None = None) -> dict[str, mx.nd.NDArray]:
+    """The state arrays of epoch ``epoch`` (None: the mid-epoch checkpoint), checked against the manifest's CRC."""
+    manifest = manifest if manifest is not None else (folder.partial_manifest() if epoch is None
+                                                      else folder.manifest(epoch))
+    path = folder.state_file(epoch, manifest or {})
+    expected = ((manifest or {}).get("files") or {}).get("state_crc32")
+    if expected is not None and os.path.isfile(path) and file_crc32(path) != expected:
+        raise UserError(f"{path} is corrupt (its CRC-32 differs from the one its manifest recorded): resume from "
+                        f"another epoch with --resume N")
+    return read_arrays(path, "checkpoint state")

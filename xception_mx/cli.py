@@ -70,6 +70,8 @@ def _score_parser(predict: bool):
         parser.add_argument("--preprocess-threads", type=int, default=4)
         parser.add_argument("--json", help="write the figures and the protocol here")
         parser.add_argument("--per-class", action="store_true", help="per-class accuracy and a confusion matrix")
+        parser.add_argument("--verify-checksums", action="store_true",
+                            help="check every record against the shards' .crc checksums first")
         parser.add_argument("--confusion-csv", help="where --per-class writes the confusion matrix "
                                                     "(default: PREFIX-NNNN-confusion.csv)")
         parser.add_argument("--benchmark", action="store_true", help="time synthetic batches instead of scoring")
@@ -130,6 +132,8 @@ def score_main(argv: list[str] | None = None) -> int:
         args = _score_parser(is_predict).parse_args(argv[1:] if is_predict else argv)
         shape, pre, gpus = _protocol(args)
         if is_predict:
+            if args.top_k < 1:
+                raise UserError(f"--top-k must be at least 1, got {args.top_k}")
             return _predict(args, shape, pre, gpus)
         try:
             batch_sizes = [int(v) for v in args.batch_size.split(",")]
@@ -190,7 +194,8 @@ def _score(args, ctx, batch_size, shape, pre) -> int:
     if batch_size % len(ctx):
         raise UserError(f"--batch-size {batch_size} is not divisible by the {len(ctx)} devices")
     result = score(args.model_prefix, args.epoch, args.rec, ctx, batch_size, shape, pre, per_class=args.per_class,
-                   classes=args.classes, preprocess_threads=args.preprocess_threads)
+                   classes=args.classes, preprocess_threads=args.preprocess_threads,
+                   verify_checksums=args.verify_checksums)
     print(f"top-1 {result['top1']:.4f}  top-5 {result['top5']:.4f}  cross-entropy {result['cross_entropy']:.4f}  "
           f"images {result['images']}  {result['images_per_sec']:.1f} img/s  "
           f"(resize {result['protocol']['resize_shorter']} {pre.interpolation}, crop {shape[1]}x{shape[2]})")

@@ -80,6 +80,8 @@ SCHEMA: list[Option] = [
     Option("color_jitter", "float", 0.0, "brightness/contrast/saturation jitter (0 = off)", check=_non_negative),
     Option("pca_noise", "float", 0.0, "PCA lighting noise (0 = off)", check=_non_negative),
     Option("preprocess_threads", "int", 4, "decoding/augmentation threads", check=_positive),
+    Option("verify_checksums", "bool", False, "at start, check every record against the shards' .crc checksums "
+                                              "(reads all the data; record counts are always checked)"),
     # Model
     Option("model", "str", "xception", "registered model name (see xception_mx.list_models())"),
     Option("filter_list", "ints", None, "7 widths overriding the model's filter list"),
@@ -125,6 +127,9 @@ SCHEMA: list[Option] = [
     Option("keep_last", "int", 0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
            check=_non_negative),
     Option("log_interval", "int", 50, "log a progress line every N batches", check=_positive),
+    Option("checkpoint_interval", "float", 30.0, "minutes between recovery checkpoints inside an epoch (what a "
+                                                 "SIGKILL or a lost node costs at most; 0 = off)",
+           check=_non_negative),
     Option("resume", "optional_int", None, "continue exactly from the latest checkpoint in output_dir "
                                            "(or from the given epoch)"),
     Option("retrain", "bool", False, "with model_load_epoch and lr: start from that epoch's weights and "

@@ -50,6 +50,14 @@ def setup_logging(verbose: bool = False) -> None:
     root.propagate = False
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """A log file that, when a write fails (a full disk), stops writing instead of printing a traceback per line:
+    the failure itself reaches the user as one line from the code that hit it."""
+
+    def handleError(self, record):
+        logging.getLogger("xception_mx").removeHandler(self)
+
+
 _file_handler: logging.Handler | None = None
 
 
@@ -60,6 +68,6 @@ def log_to_file(path: str) -> None:
     if _file_handler is not None:
         root.removeHandler(_file_handler)
         _file_handler.close()
-    _file_handler = logging.FileHandler(path)
+    _file_handler = _QuietFileHandler(path)
     _file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(_file_handler)

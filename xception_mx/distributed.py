@@ -71,6 +71,10 @@ class Cluster:
         """True on every worker when ``flag`` is true on any."""
         return flag
 
+    def _vote_sum(self, value: float) -> int:
+        """The sum over the workers of a small whole number (one scalar collective)."""
+        return int(round(value))
+
     def average_params(self, trainer: gluon.Trainer, arrays: dict[str, mx.nd.NDArray]) -> None:
         """Replace each array (keyed by its Parameter's ``name``) by its mean over the workers, in place: for
         BatchNorm running statistics, which every worker accumulates from its own batches."""
@@ -83,15 +87,18 @@ class Cluster:
 
     # Built on the collectives above; the same for every engine.
 
-    def stop_voted(self, stop) -> bool:
-        """Whether any worker saw SIGINT/SIGTERM (``stop``: a StopFlag); every worker gets the same answer, so
-        all stop at the same step."""
+    def vote(self, stop, checkpoint_due: bool = False) -> tuple[bool, bool]:
+        """(stop, checkpoint now), true on every worker when true on any (``stop``: a StopFlag; every worker then
+        stops, or saves, at the same step). One collective per step in a distributed run."""
         if not self.distributed:
-            return stop.signum is not None
-        if self.any(stop.signum is not None):
+            return stop.signum is not None, checkpoint_due
+        # One scalar through the "vote" key (a multi-element collective can come back partly stale with ps-lite,
+        # see PSCluster.average_params): stop count + (W + 1) * due count, summed over the W workers.
+        code = self._vote_sum(float(stop.signum is not None) + (self.size + 1) * float(checkpoint_due))
+        stops, dues = code % (self.size + 1), code // (self.size + 1)
+        if stops > 0:
             stop.signum = stop.signum or signal.SIGTERM  # another worker got the signal
-            return True
-        return False
+        return stops > 0, dues > 0
 
     def sum_accumulator(self, acc: Accumulator) -> Accumulator:
         """Counts summed over the workers (each saw a disjoint part of the data); unchanged in one process."""
@@ -176,7 +183,10 @@ class PSCluster(Cluster):
         return self._collective(key, np.asarray(list(values), dtype=np.float64))
 
     def any(self, flag: bool) -> bool:
-        return bool(self._collective("vote", np.array([1.0 if flag else 0.0]))[0] > 0)
+        return self._vote_sum(1.0 if flag else 0.0) > 0
+
+    def _vote_sum(self, value: float) -> int:
+        return int(round(self._collective("vote", np.array([value]))[0]))
 
     def barrier(self) -> None:
         self.kv._barrier()
@@ -220,8 +230,11 @@ class HorovodCluster(Cluster):
         return self.hvd.allreduce(local, average=False, name=f"xception_{key}").asnumpy()
 
     def any(self, flag: bool) -> bool:
-        local = mx.nd.array([1.0 if flag else 0.0])
-        return bool(self.hvd.allreduce(local, average=False, name="xception_vote").asscalar() > 0)
+        return self._vote_sum(1.0 if flag else 0.0) > 0
+
+    def _vote_sum(self, value: float) -> int:
+        local = mx.nd.array([value])
+        return int(round(self.hvd.allreduce(local, average=False, name="xception_vote").asscalar()))
 
     def broadcast_params(self, trainer: gluon.Trainer, arrays: dict[str, mx.nd.NDArray]) -> None:
         for name, array in arrays.items():

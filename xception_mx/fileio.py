@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterator
 
 __all__ = ["fsync_dir", "atomic_replace", "atomic_paths", "atomic_path", "atomic_write_text", "atomic_write_bytes",
-           "append_synced", "TMP_SUFFIX"]
+           "append_synced", "read_text", "printable_path", "remove_stale_temporaries", "file_crc32", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -43,6 +43,29 @@ def atomic_replace(tmp_path: str, final_path: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp_path, final_path)
     fsync_dir(os.path.dirname(os.path.abspath(final_path)))
+
+
+def is_temporary(name: str) -> bool:
+    """A temporary name of this module (``.<name>.<random>.tmp<ext>``) or of ``checkpoint.export_atomic``."""
+    return name.startswith(".") and (name.endswith(TMP_SUFFIX) or TMP_SUFFIX + "." in name)
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Delete this project's temporary files and folders in ``folder`` (left by a SIGKILL or a power cut).
+
+    Call it only while no other writer uses the folder (the trainer holds the run folder's lock).
+    """
+    import shutil
+
+    removed = []
+    for entry in os.scandir(folder) if os.path.isdir(folder) else []:
+        if is_temporary(entry.name):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                os.remove(entry.path)
+            removed.append(entry.name)
+    return removed
 
 
 def _tmp_for(final_path: str) -> str:
@@ -96,3 +119,35 @@ def append_synced(path: str, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_text(path: str, what: str, encoding: str = "utf-8") -> str:
+    """The text of ``path``; one line naming ``what`` and the file when it is not UTF-8."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        from .errors import UserError
+
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8") from None
+
+
+def printable_path(path: str) -> str:
+    """A path for a message: as is when it is valid text, else its bytes escaped (a non-UTF-8 name)."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return repr(os.fsencode(path))[2:-1]
+
+
+def file_crc32(path: str, chunk: int = 1 << 22) -> int:
+    """CRC-32 of a file's bytes (zlib's: fast, and enough to detect accidental corruption)."""
+    import zlib
+
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            crc = zlib.crc32(block, crc)
+    return crc

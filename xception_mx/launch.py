@@ -234,6 +234,19 @@ def _log(message: str) -> None:
     print(f"launch: {message}", file=sys.stderr, flush=True)
 
 
+def _dies_with(parent: int):
+    """A ``preexec_fn``: the child gets SIGKILL when the launcher dies, even by SIGKILL (Linux prctl
+    PR_SET_PDEATHSIG), so no scheduler, server or worker is left running with nothing watching it."""
+    def arm() -> None:
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before prctl took effect
+            os._exit(1)
+    return arm
+
+
 def run_job(children: list[Child], timeout: float, grace: float = 5.0, poll: float = 0.1,
             stdout=None, stderr=None) -> int:
     """Start every child, watch them, tear the job down on failure, timeout or a second signal; return the exit
@@ -249,7 +262,7 @@ def run_job(children: list[Child], timeout: float, grace: float = 5.0, poll: flo
         for c in children:
             env = {**os.environ, **c.env}
             c.proc = subprocess.Popen(c.argv, env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                                      start_new_session=True)
+                                      start_new_session=True, preexec_fn=_dies_with(os.getpid()))
             _log(f"started {c.name} on {c.host} (pid {c.proc.pid})")
         forwarded = False
         workers_done_at = servers_done_at = None

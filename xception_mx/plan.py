@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 from .config import build_parser, load_yaml, resolve
 from .errors import UserError
-from .records import check_records, find_shards
+from .records import check_checksums, check_records, count_records, find_shards
 from .runfolder import RunFolder, prefixes_in
 
 __all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
@@ -90,7 +91,7 @@ def plan_run(argv: list[str] | None = None, environ: dict | None = None, check_d
     point = _resume_point(folder, draft)
     if point is None:
         config = draft
-        _refuse_existing_run(folder)
+        folder.refuse_fresh_run()
         schedule = {"start_epoch": 0, "lr": config["lr"], "warmup_epochs": config["warmup_epochs"]}
     else:
         saved = {k: v for k, v in point.manifest["config"].items() if k not in RUN_CONTROL_KEYS}
@@ -140,14 +141,6 @@ def _resume_point(folder: RunFolder, draft: dict) -> ResumePoint | None:
     return ResumePoint(epoch, folder.manifest(epoch), False)
 
 
-def _refuse_existing_run(folder: RunFolder) -> None:
-    existing = folder.epochs()
-    if existing or folder.partial_manifest() is not None:
-        have = f"epochs {existing[0]}..{existing[-1]}" if existing else "a mid-epoch checkpoint"
-        raise UserError(f"{folder.folder} already holds checkpoints ({have}): pass --resume to continue, "
-                        f"or choose another --output-dir")
-
-
 def _refuse_schedule_change(saved: dict, config: dict, given: dict, flags: dict, config_file: str | None) -> None:
     """A resume continues the saved optimiser and schedule exactly: a different one, from a flag or from an edited
     --config file, would be silently ignored, so it is refused."""
@@ -182,6 +175,15 @@ def _find_shards(config: dict) -> Shards:
         return os.path.join(config["data_dir"], kind)
 
     shards = Shards(find_shards(spec("train")), find_shards(spec("val")))
-    checked = check_records(shards.train + shards.val)
-    log.info("checked the headers of %d records in %d shards", checked, len(shards.train) + len(shards.val))
+    if count_records(shards.val) == 0:
+        raise UserError(f"the validation shards hold no records: {', '.join(shards.val)}; pack some images into "
+                        f"them or give other --val-rec shards")
+    start, every = time.time(), shards.train + shards.val
+    checked = check_records(every, config["num_classes"])
+    unverifiable = check_checksums(every, verify=config["verify_checksums"])
+    log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", checked,
+             len(every), " and their checksums" if config["verify_checksums"] else "", time.time() - start)
+    if unverifiable:
+        log.info("%d of %d shards have no .crc checksum file (packed by MXNet's im2rec.py?): their records cannot "
+                 "be checksum-verified", len(unverifiable), len(every))
     return shards

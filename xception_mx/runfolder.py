@@ -2,22 +2,28 @@
 
 An epoch-E checkpoint of prefix P in the folder is ``P-symbol.json`` + ``P-EEEE.params`` (the MXNet export),
 ``P-EEEE.state.params`` (weights, optimizer and EMA arrays) and ``P-EEEE.state.json`` (the manifest, written last:
-without it the checkpoint is incomplete and ignored). A mid-epoch checkpoint uses ``partial`` for ``EEEE`` and has
-no export. Beside them: ``config.yaml`` (a human-readable copy of the manifest's config), ``P-preprocess.json``,
-``metrics.jsonl``, ``best.json``, ``curves.png``, ``train.log``. Imports no MXNet.
+without it the checkpoint is incomplete and ignored). A mid-epoch checkpoint (a signal's or a recovery one) is
+``P-partial.state.json`` naming its own state file ``P-partial.<token>.state.params``, so a manifest is never paired
+with another checkpoint's arrays; every manifest records its state file's size and CRC-32. Beside them:
+``config.yaml`` (a human-readable copy of the manifest's config), ``P-preprocess.json``, ``metrics.jsonl``,
+``best.json``, ``curves.png``, ``train.log``, ``.lock`` (held by the trainer). Imports no MXNet.
 """
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
 import re
+import shutil
+import time
 from dataclasses import dataclass
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .metrics import read_jsonl
 
-__all__ = ["RunFolder", "CheckpointFiles", "numbered_files", "prefixes_in"]
+__all__ = ["RunFolder", "RunLock", "CheckpointFiles", "numbered_files", "prefixes_in"]
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ def numbered_files(prefix_path: str, suffix: str) -> list[int]:
 
 def prefixes_in(folder: str) -> list[str]:
     """Checkpoint prefixes that have a manifest (complete or mid-epoch) in ``folder``."""
-    pattern = re.compile(r"^(.+)-(\d{4,}|partial)\.state\.json$")
+    pattern = re.compile(r"^([^.].*)-(\d{4,}|partial)\.state\.json$")
     names = {m.group(1) for m in map(pattern.match, os.listdir(folder) if os.path.isdir(folder) else []) if m}
     return sorted(names)
 
@@ -66,12 +72,23 @@ class RunFolder:
     best = property(lambda self: self.path("best.json"))
     curves = property(lambda self: self.path("curves.png"))
 
-    def files(self, epoch: int | None) -> CheckpointFiles:
-        """Epoch ``epoch``'s checkpoint files; ``None`` names the mid-epoch checkpoint."""
+    def files(self, epoch: int | None, token: str | None = None) -> CheckpointFiles:
+        """Epoch ``epoch``'s checkpoint files; ``None`` names the mid-epoch checkpoint (its state file carries the
+        ``token`` its manifest records; without one, the name of checkpoints written before tokens existed)."""
         tag = "partial" if epoch is None else f"{epoch:04d}"
         base = self.model_prefix
-        return CheckpointFiles(f"{base}-symbol.json", f"{base}-{tag}.params", f"{base}-{tag}.state.params",
-                               f"{base}-{tag}.state.json")
+        state = f"{base}-partial.{token}.state.params" if epoch is None and token else f"{base}-{tag}.state.params"
+        return CheckpointFiles(f"{base}-symbol.json", f"{base}-{tag}.params", state, f"{base}-{tag}.state.json")
+
+    def state_file(self, epoch: int | None, manifest: dict) -> str:
+        """The state file a manifest belongs to."""
+        return self.files(epoch, (manifest.get("files") or {}).get("token")).state
+
+    def _state_matches(self, epoch: int | None, manifest: dict) -> bool:
+        """The manifest's own state file is there, with the size it recorded (the CRC is checked on load)."""
+        path = self.state_file(epoch, manifest)
+        size = (manifest.get("files") or {}).get("state_size")
+        return os.path.isfile(path) and (size is None or os.path.getsize(path) == size)
 
     def epochs(self) -> list[int]:
         """Epochs with a complete checkpoint (manifest and the files it needs), ascending."""
@@ -100,15 +117,17 @@ class RunFolder:
             raise UserError(f"{path} is unreadable ({exc}); resume from another epoch") from None
 
     def partial_manifest(self) -> dict | None:
-        """The mid-epoch checkpoint's manifest, or None when there is none (or it is incomplete)."""
-        f = self.files(None)
-        if not (os.path.isfile(f.manifest) and os.path.isfile(f.state)):
-            return None
+        """The mid-epoch checkpoint's manifest, or None when there is none (or its own state file is missing)."""
+        path = self.files(None).manifest
         try:
-            with open(f.manifest, encoding="utf-8") as fh:
-                return json.load(fh)
+            with open(path, encoding="utf-8") as fh:
+                manifest = json.load(fh)
         except (OSError, ValueError):
             return None
+        return manifest if self._state_matches(None, manifest) else None
+
+    def partial_state_files(self) -> list[str]:
+        return sorted(glob.glob(glob.escape(self.model_prefix) + "-partial*.state.params"))
 
     def write_manifest(self, epoch: int | None, manifest: dict) -> None:
         atomic_write_text(self.files(epoch).manifest, json.dumps(manifest, indent=1, sort_keys=True))
@@ -116,9 +135,75 @@ class RunFolder:
     def remove(self, epoch: int | None) -> None:
         """Delete a checkpoint (the manifest first: a crash midway leaves nothing that looks complete)."""
         f = self.files(epoch)
-        for path in (f.manifest, f.state, f.export):
+        states = self.partial_state_files() if epoch is None else [f.state]
+        for path in (f.manifest, *states, f.export):
             if os.path.exists(path):
                 os.remove(path)
+
+    def drop_partial_states(self, keep: str) -> None:
+        """Mid-epoch state files other than ``keep`` (the one the current manifest names)."""
+        for path in self.partial_state_files():
+            if path != keep:
+                os.remove(path)
+
+    def branch_after(self, epoch: int) -> str | None:
+        """A retrain from ``epoch``: move the later checkpoints (and the mid-epoch one) and their metrics lines into
+        ``before-retrain-from-EEEE-<time>/``, so no ``--resume`` can continue the branch it left. Returns the folder,
+        or None when there was nothing to move."""
+        later = [e for e in numbered_files(self.model_prefix, ".state.json") if e > epoch]
+        partial = os.path.isfile(self.files(None).manifest) or bool(self.partial_state_files())
+        records = read_jsonl(self.metrics)
+        moved_records = [r for r in records if r.get("epoch", 0) > epoch]
+        if not (later or partial or moved_records):
+            return None
+        dest = self.path(f"before-retrain-from-{epoch:04d}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(dest, exist_ok=True)
+        for tag in [*later, None]:
+            f = self.files(tag)
+            states = self.partial_state_files() if tag is None else [f.state]
+            for path in (f.manifest, *states, f.export):  # the manifest first, as in remove()
+                if os.path.exists(path):
+                    os.replace(path, os.path.join(dest, os.path.basename(path)))
+        for shared in (self.files(None).symbol, self.config_yaml):  # the branch stays a loadable run folder
+            if os.path.isfile(shared):
+                shutil.copy2(shared, dest)
+        if moved_records:
+            atomic_write_text(os.path.join(dest, "metrics.jsonl"), "".join(json.dumps(r) + "\n" for r in moved_records))
+            atomic_write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in records if r not in moved_records))
+        return dest
+
+    def refuse_fresh_run(self) -> None:
+        """A fresh run never writes into a folder that holds a run: its checkpoints (any prefix) or its metrics."""
+        existing = self.epochs()
+        if existing or self.partial_manifest() is not None:
+            have = f"epochs {existing[0]}..{existing[-1]}" if existing else "a mid-epoch checkpoint"
+            raise UserError(f"{self.folder} already holds checkpoints ({have}): pass --resume to continue, "
+                            f"or choose another --output-dir")
+        other = self.holds_a_run()
+        if other:
+            raise UserError(f"{self.folder} already holds another run ({', '.join(other)}): resume it with --resume "
+                            f"(and its --prefix), or choose another --output-dir")
+
+    def resume_hint(self) -> str:
+        """Where a resume of this folder would continue, as the command to run."""
+        partial, latest = self.partial_manifest(), self.latest()
+        if partial:
+            where = f"epoch {partial['epoch'] + 1}, batch {partial['in_progress']['batches_done']}"
+        elif latest:
+            where = f"the end of epoch {latest}"
+        else:
+            return "no checkpoint was written yet"
+        return f"resume from {where} with: train_xception.py --output-dir {self.folder} --resume"
+
+    def holds_a_run(self) -> list[str]:
+        """What in the folder belongs to a run (checkpoints of any prefix, metrics): empty for a fresh folder."""
+        found = [f"checkpoints of prefix {p!r}" for p in prefixes_in(self.folder)]
+        if os.path.isfile(self.metrics) and os.path.getsize(self.metrics):
+            found.append("metrics.jsonl")
+        return found
+
+    def lock(self) -> RunLock:
+        return RunLock(self.path(".lock"))
 
     def prune(self, epoch: int, keep_last: int, best_epoch: int | None) -> None:
         """Keep only the last ``keep_last`` epochs (0 = all), and always the best one."""
@@ -127,3 +212,33 @@ class RunFolder:
         for old in self.epochs():
             if old <= epoch - keep_last and old != best_epoch:
                 self.remove(old)
+
+
+class RunLock:
+    """An exclusive ``flock`` on the run folder's ``.lock`` (the kernel releases it when the process dies).
+
+    The holder's pid is written into the file, so a second trainer can say who holds the folder.
+    """
+
+    def __init__(self, path: str):
+        self.path, self._fd = path, None
+
+    def __enter__(self) -> RunLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{os.path.dirname(self.path)} is in use by another training run (pid {holder}): "
+                            f"wait for it to finish, or choose another --output-dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

@@ -25,7 +25,7 @@ from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .model import MIN_INPUT_SIZE
 from .protocol import Preprocess
-from .records import read_classes
+from .records import check_checksums, read_classes
 from .runfolder import numbered_files
 
 __all__ = ["load_exported", "score", "benchmark", "predict", "export_protocol", "write_confusion_csv"]
@@ -42,6 +42,9 @@ def load_exported(prefix: str, epoch: int, ctx: list[mx.Context]) -> mx.gluon.Sy
     if not os.path.isfile(params_file):
         have = ", ".join(str(e) for e in numbered_files(prefix, ".params")) or "none"
         raise UserError(f"{params_file} not found; epochs that exist for {prefix}: {have}")
+    for path in (symbol_file, params_file):
+        if os.path.getsize(path) == 0:
+            raise UserError(f"{path} is empty (0 bytes): the export was cut short; use another epoch")
     try:
         with warnings.catch_warnings():  # MXNet warns that it cannot infer the input type before the first call
             warnings.simplefilter("ignore")
@@ -85,10 +88,15 @@ def export_protocol(prefix: str) -> Preprocess:
 
 def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: int,
           data_shape: tuple[int, int, int], pre: Preprocess, per_class: bool = False,
-          classes: str | None = None, preprocess_threads: int = 4, progress: bool = True) -> dict:
+          classes: str | None = None, preprocess_threads: int = 4, progress: bool = True,
+          verify_checksums: bool = False) -> dict:
     """Top-1, top-5, mean cross-entropy, image count and images/s over every image of ``rec`` once."""
     shards = data.find_shards(rec)
     data.check_records(shards)
+    unverifiable = check_checksums(shards, verify=verify_checksums)
+    if unverifiable:
+        log.info("%d of %d shards have no .crc checksum file: they cannot be checksum-verified", len(unverifiable),
+                 len(shards))
     net = load_exported(prefix, epoch, ctx)
     num_classes = _probe(net, data_shape, ctx[0])
     total = data.count_records(shards)

@@ -19,15 +19,15 @@ import numpy as np
 from mxnet import gluon
 
 from . import data, finetune
-from .builders import build_net, build_schedule, optimizer_params
-from .checkpoint import export_atomic, load_state, save_checkpoint
+from .builders import build_net, build_schedule, optimizer_params, train_data, val_data
+from .checkpoint import disk_errors, export_atomic, load_state, save_checkpoint
 from .config import dump_yaml
 from .console import log_to_file
 from .distributed import create_cluster
 from .ema import EMA
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate, make_contexts
-from .fileio import append_synced, atomic_write_text
+from .fileio import append_synced, atomic_write_text, remove_stale_temporaries
 from .metrics import Accumulator, plot_curves, truncate_jsonl
 from .optim_state import optimizer_state_arrays, restore_optimizer_state
 from .plan import RunPlan, wants_serial_engine
@@ -94,8 +94,8 @@ class Trainer:
         self.epoch, self.best, self.in_progress = 0, {"epoch": None, "val_top1": None}, None
         self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=not self._dense_targets)
         if plan.resume is not None:
-            self.restore(TrainState(load_state(self.folder, None if plan.resume.partial else plan.resume.epoch),
-                                    plan.resume.manifest))
+            epoch = None if plan.resume.partial else plan.resume.epoch
+            self.restore(TrainState(load_state(self.folder, epoch, plan.resume.manifest), plan.resume.manifest))
             if plan.retrain:
                 self.in_progress = None
         if self.cluster.distributed:  # every worker starts from rank 0's (initial or loaded) weights
@@ -151,8 +151,18 @@ class Trainer:
     # -------------------------------------------------------------------------------------------------- loop
 
     def fit(self) -> dict | None:
-        """Train epochs ``start + 1 .. num_epochs``. Returns the last epoch's metrics record."""
-        self._start()
+        """Train epochs ``start + 1 .. num_epochs`` holding the run folder's lock (rank 0). Returns the last epoch's
+        metrics record."""
+        os.makedirs(self.folder.folder, exist_ok=True)
+        with self.folder.lock() if self.is_writer else contextlib.nullcontext():
+            self._start()
+            try:
+                return self._epochs()
+            except KeyboardInterrupt:  # a second signal: StopFlag gives up waiting for the step
+                raise Interrupted(f"stopped at once by a second signal: the step in progress and its mid-epoch "
+                                  f"checkpoint were discarded; {self.folder.resume_hint()}") from None
+
+    def _epochs(self) -> dict | None:
         record = None
         with StopFlag() as stop:
             for epoch in range(self.epoch + 1, self.config["num_epochs"] + 1):
@@ -165,7 +175,7 @@ class Trainer:
                         self._save(None)
                     raise Interrupted(self._stopped(stop, epoch, result.in_progress["batches_done"]))
                 record = self._finish_epoch(epoch, result.record)
-                if self.cluster.stop_voted(stop):
+                if self.cluster.vote(stop)[0]:
                     raise Interrupted(self._stopped(stop, epoch, None))
         if self.cluster.distributed:
             self.cluster.barrier()
@@ -175,16 +185,18 @@ class Trainer:
 
     def _start(self) -> None:
         config, folder = self.config, self.folder
-        os.makedirs(folder.folder, exist_ok=True)
         log_to_file(folder.path("train.log" if self.is_writer else f"train.rank{self.cluster.rank}.log"))
+        if self.is_writer:
+            self._claim_folder()
         if wants_serial_engine(config) and os.environ.get("MXNET_ENGINE_TYPE") != "NaiveEngine":
             log.warning("deterministic=%s but MXNet runs another engine than NaiveEngine: results will differ in "
                         "the last bits from run to run (apache/mxnet#13829); set MXNET_ENGINE_TYPE=NaiveEngine "
                         "before importing mxnet, as train_xception.py does", config["deterministic"])
         if self.is_writer:
-            dump_yaml(config, folder.config_yaml)
-            Preprocess.from_config(config).write(folder.model_prefix)
-            truncate_jsonl(folder.metrics, self.epoch)
+            with disk_errors(folder.folder, "the run's config"):
+                dump_yaml(config, folder.config_yaml)
+                Preprocess.from_config(config).write(folder.model_prefix)
+                truncate_jsonl(folder.metrics, self.epoch)
         if self.plan.resume is not None:
             where = (f"epoch {self.epoch + 1}, batch {self.in_progress['batches_done']}" if self.in_progress
                      else f"the end of epoch {self.epoch}")
@@ -200,13 +212,37 @@ class Trainer:
             log.info("%s: worker %d of %d, %d images per step on this worker", self.cluster.engine,
                      self.cluster.rank, self.cluster.size, self.local_batch)
 
+    def _claim_folder(self) -> None:
+        """Under the lock: refuse a fresh run into another run's folder (again: one may have started since the plan),
+        remove temporary files a killed run left, and move what a retrain branches away from."""
+        if self.plan.resume is None:
+            self.folder.refuse_fresh_run()
+        removed = remove_stale_temporaries(self.folder.folder)
+        if removed:
+            log.info("removed %d temporary file(s) a stopped run left in %s", len(removed), self.folder.folder)
+        if self.plan.retrain:
+            moved_to = self.folder.branch_after(self.epoch)
+            if moved_to:
+                log.info("retrain branches at epoch %d: the original run's later checkpoints and metrics moved to %s",
+                         self.epoch, moved_to)
+
+    def _save_recovery(self, in_progress: dict) -> None:
+        """A mid-epoch checkpoint every --checkpoint-interval minutes: what a SIGKILL or a lost node then costs."""
+        if self.cluster.distributed:
+            self.cluster.sync_workers(self.named, self.ema and self.ema.shadow, self.ctx[0], self.trainer)
+        self.in_progress = in_progress
+        if self.is_writer:
+            self._save(None)
+            log.info("recovery checkpoint: epoch %d, batch %d", in_progress["epoch"], in_progress["batches_done"])
+
     def _finish_epoch(self, epoch: int, record: dict) -> dict:
         """Validate (with the EMA weights when on), then metrics, export, state and manifest (rank 0)."""
         with self.ema.applied() if self.ema is not None else contextlib.nullcontext():
             record.update(self.validate())
             if self.is_writer:
-                append_synced(self.folder.metrics, json.dumps(record) + "\n")
-                export_atomic(self.net, self.folder.model_prefix, epoch)
+                with disk_errors(self.folder.folder, f"the export of epoch {epoch}"):
+                    append_synced(self.folder.metrics, json.dumps(record) + "\n")
+                    export_atomic(self.net, self.folder.model_prefix, epoch)
         self.epoch, self.in_progress = epoch, None
         if self.best["val_top1"] is None or record["val_top1"] > self.best["val_top1"]:
             self.best = dict(record)
@@ -214,8 +250,9 @@ class Trainer:
             self._save(epoch, record)
             self.folder.remove(None)  # a mid-epoch checkpoint is now stale
             self.folder.prune(epoch, self.config["keep_last"], self.best["epoch"])
-            atomic_write_text(self.folder.best, json.dumps(self.best, indent=1, sort_keys=True))
-            plot_curves(self.folder.metrics, self.folder.curves)
+            with disk_errors(self.folder.folder, "best.json and curves.png"):
+                atomic_write_text(self.folder.best, json.dumps(self.best, indent=1, sort_keys=True))
+                plot_curves(self.folder.metrics, self.folder.curves)
         log.info("epoch %d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f | %.1f img/s, %.1fs, "
                  "lr %.4g", epoch, record["train_loss"], record["train_top1"], record["val_loss"], record["val_top1"],
                  record["val_top5"], record["samples_per_sec"], record["time_s"], record["lr"])
@@ -241,7 +278,9 @@ class Trainer:
         first_lr = resumed.get("first_lr")
         progress = Progress(epoch, self.batches_per_epoch, config["batch_size"], config["log_interval"], skip)
         start, done = time.time(), skip
-        for i, batch in enumerate(self._train_data(epoch)):
+        interval, last_save = config["checkpoint_interval"] * 60, time.time()
+        for i, batch in enumerate(train_data(config, self.plan.shards.train, self.local_batch, epoch,
+                                                        self.cluster.size, self.cluster.rank)):
             if i >= self.batches_per_epoch:
                 break
             if i < skip:  # trained on before the interruption: keep the data order and the mixup draws
@@ -252,11 +291,17 @@ class Trainer:
             first_lr = first_lr if first_lr is not None else self.trainer.learning_rate
             done = i + 1
             progress.update(acc, self.trainer.learning_rate)
-            if done < self.batches_per_epoch and cluster.stop_voted(stop):
-                progress.close()
-                return EpochResult(in_progress={
-                    "epoch": epoch, "batches_done": done, "acc": cluster.sum_accumulator(acc).to_dict(),
-                    "first_lr": first_lr, "elapsed": resumed.get("elapsed", 0.0) + time.time() - start})
+            if done == self.batches_per_epoch:
+                continue
+            stopping, due = cluster.vote(stop, bool(interval) and time.time() - last_save >= interval)
+            if stopping or due:
+                in_progress = {"epoch": epoch, "batches_done": done, "acc": cluster.sum_accumulator(acc).to_dict(),
+                               "first_lr": first_lr, "elapsed": resumed.get("elapsed", 0.0) + time.time() - start}
+                if stopping:
+                    progress.close()
+                    return EpochResult(in_progress=in_progress)
+                self._save_recovery(in_progress)
+                last_save = time.time()
         progress.close()
         acc = cluster.sum_accumulator(acc)  # the epoch's training figures over every worker's part
         if done < self.batches_per_epoch:
@@ -266,15 +311,6 @@ class Trainer:
         return EpochResult(record={
             "epoch": epoch, "lr": first_lr, "train_loss": acc.loss, "train_top1": acc.top(1), "val_loss": None,
             "val_top1": None, "val_top5": None, "samples_per_sec": acc.count / max(elapsed, 1e-9), "time_s": elapsed})
-
-    def _train_data(self, epoch: int):
-        config, size = self.config, self.config["input_size"]
-        return data.train_iter(
-            self.plan.shards.train, self.local_batch, (3, size, size), epoch=epoch, seed=config["seed"],
-            num_parts=self.cluster.size, part_index=self.cluster.rank, mean=tuple(config["mean"]),
-            std=tuple(config["std"]), min_area=config["min_area"], mirror=config["mirror"],
-            color_jitter=config["color_jitter"], pca_noise=config["pca_noise"],
-            preprocess_threads=config["preprocess_threads"])
 
     def _train_batch(self, batch, mix_rng: np.random.RandomState, acc: Accumulator, epoch: int, index: int) -> None:
         config = self.config
@@ -301,13 +337,9 @@ class Trainer:
 
     def validate(self) -> dict:
         """Each worker scores its part of the validation shards; the counts are summed over the workers."""
-        config, size = self.config, self.config["input_size"]
-        pre = Preprocess.from_config(config)
-        val_data = data.val_iter(self.plan.shards.val, self.local_batch, (3, size, size), crop_pct=pre.crop_pct,
-                                 mean=pre.mean, std=pre.std, inter_method=pre.inter_method,
-                                 num_parts=self.cluster.size, part_index=self.cluster.rank,
-                                 preprocess_threads=config["preprocess_threads"])
-        acc = self.cluster.sum_accumulator(evaluate(self.net, val_data, self.ctx, config["num_classes"],
+        config = self.config
+        batches = val_data(config, self.plan.shards.val, self.local_batch, self.cluster.size, self.cluster.rank)
+        acc = self.cluster.sum_accumulator(evaluate(self.net, batches, self.ctx, config["num_classes"],
                                                     config["dtype"]))
         return {"val_loss": acc.loss, "val_top1": acc.top(1), "val_top5": acc.top(5)}
 
