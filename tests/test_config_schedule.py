@@ -84,3 +84,11 @@ def test_cosine_with_warmup_and_a_retrain_offset():
 def test_step_epochs_are_absolute():
     s = build_lr_scheduler("step", 0.1, 6, 2, step_epochs=[2, 4], decay=0.1, warmup_epochs=1)
     assert lrs(s, 2, 6) == pytest.approx([0.0, 0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+@pytest.mark.parametrize("mode", ["cosine", "poly", "exp"])
+def test_a_one_step_schedule_does_not_divide_by_zero(mode):
+    """Regression test of the dmlc/gluon-cv#1421 workaround: one batch per epoch, one epoch (and one warm-up)."""
+    assert build_lr_scheduler(mode, 0.05, 1, 1)(1) == pytest.approx(0.05)
+    warm = build_lr_scheduler(mode, 0.05, 2, 1, warmup_epochs=1, warmup_lr=0.01)
+    assert [warm(1), warm(2)] == pytest.approx([0.01, 0.05])

@@ -20,7 +20,7 @@ def _init(net, seed=0):
 
 
 def test_registry_names():
-    assert list_models() == ["xception", "xception_slim"]
+    assert list_models() == ["xception", "xception_slim", "xception41", "xception65", "xception71"]
     with pytest.raises(ValueError, match="unknown model 'xceptio'"):
         get_model("xceptio")
 

@@ -1,4 +1,5 @@
-"""Import pretrained Xception weights from timm (``legacy_xception``) or Keras (``applications.Xception``).
+"""Import pretrained Xception weights from timm (``legacy_xception``, the aligned ``xception41/65/71``) or Keras
+(``applications.Xception``).
 
 ``python -m xception_mx.convert SRC OUT_PREFIX [--from timm|keras]`` (also ``xception-convert``) reads
 
@@ -57,6 +58,9 @@ PREPROCESS: dict[str, Preprocess] = {
     "timm": Preprocess(299, 0.8975, (127.5,) * 3, (127.5,) * 3, "bicubic"),
     "keras": Preprocess(299, 0.8975, (127.5,) * 3, (127.5,) * 3, "bicubic"),
 }
+#: timm's default configuration of ``xception41/65/71.tf_in1k`` (the DeepLab TF weights, ported): 299 px, crop_pct
+#: 0.903 (shorter side 331), bicubic, mean = std = 0.5 on [0, 1] (IMAGENET_INCEPTION_MEAN/STD).
+PREPROCESS_ALIGNED = Preprocess(299, 0.903, (127.5,) * 3, (127.5,) * 3, "bicubic")
 BN_EPSILON = {"timm": 1e-5, "keras": 1e-3}
 POOL_PADDING = {"timm": "symmetric", "keras": "keras"}
 
@@ -79,18 +83,12 @@ def convert(src: str, out_prefix: str, source: str | None = None) -> dict[str, A
         mapped = timm_to_params(read_timm(src))
     else:
         mapped = keras_to_params(read_keras(src))
-    kwargs = infer_model_kwargs(mapped.arrays)
-    kwargs.update(bn_epsilon=BN_EPSILON[source], pool_padding=POOL_PADDING[source])
-
     import mxnet as mx
 
-    from .model import Xception
     from .weights import load_named
 
-    try:
-        net = Xception(dropout=0.0, **kwargs)
-    except ValueError as exc:
-        raise UserError(f"{src}: {exc}") from None
+    kwargs, preprocess = _model_for(mapped.arrays, source, src)
+    net = build_model(kwargs, dropout=0.0)
     params = net._collect_params_with_prefix()
     check_against_model(mapped, {n: p.shape for n, p in params.items()}, src)
 
@@ -110,8 +108,36 @@ def convert(src: str, out_prefix: str, source: str | None = None) -> dict[str, A
                   "preprocess": f"{base}-preprocess.json"},
         "score": f"score.py --model-prefix {out_prefix} --epoch 0 --rec VAL_SHARDS",
     }
-    _write_outputs(net, folder, base, meta, PREPROCESS[source])
-    return {**meta, "preprocess": PREPROCESS[source].to_dict()}
+    _write_outputs(net, folder, base, meta, preprocess)
+    return {**meta, "preprocess": preprocess.to_dict()}
+
+
+def _model_for(arrays: dict, source: str, src: str) -> tuple[dict, Preprocess]:
+    """The sidecar's model settings and the weights' protocol: an aligned variant (told by its block count) or the
+    paper's family (its widths)."""
+    from .aligned import ALIGNED_CONFIGS, block_table
+
+    blocks = {int(k.split(".")[2]) for k in arrays if k.startswith("features.blocks.")}
+    if not blocks:
+        kwargs = infer_model_kwargs(arrays)
+        return {**kwargs, "bn_epsilon": BN_EPSILON[source], "pool_padding": POOL_PADDING[source]}, PREPROCESS[source]
+    by_count = {len(block_table(**cfg)): name for name, cfg in ALIGNED_CONFIGS.items()}
+    if source != "timm" or len(blocks) not in by_count or "fc.weight" not in arrays:
+        raise UserError(f"{src}: an aligned Xception with {len(blocks)} blocks, which no registered variant has "
+                        f"({', '.join(f'{n}: {c}' for c, n in sorted(by_count.items()))}); nothing written")
+    return ({"name": by_count[len(blocks)], "num_classes": int(arrays["fc.weight"].shape[0]), "bn_epsilon": 1e-3},
+            PREPROCESS_ALIGNED)
+
+
+def build_model(model: dict, **overrides):
+    """The network a sidecar's model settings describe (``name`` for a registered aligned variant)."""
+    from .model import Xception, get_model
+
+    kwargs = {**model, **overrides}
+    try:
+        return get_model(kwargs.pop("name"), **kwargs) if "name" in kwargs else Xception(**kwargs)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _write_outputs(net, folder: str, base: str, meta: dict, preprocess: Preprocess) -> None:
@@ -185,13 +211,11 @@ def build_pretrained(path_or_prefix: str, **overrides):
 
     With another ``num_classes`` the classifier is left uninitialised (call ``net.fc.initialize()``).
     """
-    from .model import Xception
     from .weights import load_named, named_params
 
     params, meta = load_pretrained(path_or_prefix)
-    kwargs = {**meta["model"], **overrides}
-    net = Xception(**kwargs)
-    keep_fc = kwargs["num_classes"] == meta["model"]["num_classes"]
+    net = build_model(meta["model"], **overrides)
+    keep_fc = net.num_classes == meta["model"]["num_classes"]
     load_named(named_params(net), params, f"{path_or_prefix} (converted weights)",
                skip_prefix=None if keep_fc else "fc.")
     return net
@@ -216,11 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         args = _parser().parse_args(argv)
         meta = convert(args.src, args.out_prefix, args.source)
-        m = meta["model"]
+        model = ", ".join(f"{k} {v}" for k, v in meta["model"].items())
         print(f"converted {meta['source']['tensors']} tensors from {args.src} ({meta['source']['framework']}): "
-              f"filter_list {m['filter_list']}, {m['num_classes']} classes, bn_epsilon {m['bn_epsilon']}, "
-              f"pool_padding {m['pool_padding']}")
-        for key in ("params", "symbol", "export_params"):
+              f"{model}")
+        for key in ("params", "symbol", "export_params", "preprocess"):
             print(f"  {os.path.join(os.path.dirname(args.out_prefix), meta['files'][key])}")
         print(f"  {args.out_prefix}.json")
         print(f"score: {meta['score']}")

@@ -219,6 +219,9 @@ class Xception(nn.HybridBlock):
             self.dropout = nn.Dropout(dropout) if dropout > 0 else None
             self.fc = self._make_classifier(num_classes)
 
+    def describe(self) -> str:
+        return "filter list " + "x".join(map(str, self.filter_list))
+
     def _make_classifier(self, num_classes: int) -> nn.Dense:
         return nn.Dense(num_classes, in_units=self.filter_list[6], weight_initializer=_DENSE_INIT)
 
@@ -244,12 +247,22 @@ class Xception(nn.HybridBlock):
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`get_model`."""
-    return sorted(MODEL_CONFIGS)
+    """Names accepted by :func:`get_model`: the paper's family and the aligned one (``aligned.ALIGNED_CONFIGS``)."""
+    from .aligned import ALIGNED_CONFIGS
+
+    return sorted(MODEL_CONFIGS) + sorted(ALIGNED_CONFIGS)
 
 
-def get_model(name: str, **overrides) -> Xception:
+def get_model(name: str, **overrides) -> nn.HybridBlock:
     """Build a registered variant; keyword arguments override its config (e.g. ``num_classes=10``)."""
+    from .aligned import ALIGNED_CONFIGS, XceptionAligned, block_table
+
+    if name in ALIGNED_CONFIGS:
+        unknown = sorted(set(overrides) - {"num_classes", "dropout", "in_channels", "bn_epsilon", "bn_momentum"})
+        if unknown:
+            raise ValueError(f"{name} is configured by its block table (xception_mx.aligned.ALIGNED_CONFIGS): "
+                             f"{unknown[0]} applies to {', '.join(sorted(MODEL_CONFIGS))} only")
+        return XceptionAligned(block_table(**ALIGNED_CONFIGS[name]), name=name, **overrides)
     if name not in MODEL_CONFIGS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
     return Xception(**{**MODEL_CONFIGS[name], **overrides})

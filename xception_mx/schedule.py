@@ -30,8 +30,8 @@ def build_lr_scheduler(mode: str, lr: float, num_epochs: int, iters_per_epoch: i
     segments = [LRScheduler("constant", base_lr=first_lr, niters=1 + start_epoch * iters_per_epoch)]
     main_start = start_epoch
     if warmup_epochs:
-        segments.append(LRScheduler("linear", base_lr=warmup_lr, target_lr=lr, nepochs=warmup_epochs,
-                                    iters_per_epoch=iters_per_epoch))
+        segments.append(_segment("linear", base_lr=warmup_lr, target_lr=lr, nepochs=warmup_epochs,
+                                 iters_per_epoch=iters_per_epoch))
         main_start += warmup_epochs
     main_epochs = num_epochs - main_start
     if main_epochs < 1:
@@ -44,7 +44,16 @@ def build_lr_scheduler(mode: str, lr: float, num_epochs: int, iters_per_epoch: i
         steps = [e - main_start for e in (step_epochs or []) if e - main_start > 0]
         segments.append(LRScheduler("step", step_epoch=steps, step_factor=decay, **common))
     elif mode in ("cosine", "poly"):
-        segments.append(LRScheduler(mode, target_lr=target_lr, power=power, **common))
+        segments.append(_segment(mode, target_lr=target_lr, power=power, **common))
     else:
         raise ValueError(f"unknown lr mode {mode!r}")
     return LRSequential(segments)
+
+
+def _segment(mode: str, **kwargs) -> LRScheduler:
+    """GluonCV's segment, except that one of a single step is constant at its first lr: GluonCV's linear, cosine and
+    poly segments divide by ``niters - 1`` and raise ZeroDivisionError at one step (dmlc/gluon-cv#1421; reached by a
+    run of one batch per epoch)."""
+    if kwargs["nepochs"] * kwargs["iters_per_epoch"] == 1:
+        return LRScheduler("constant", base_lr=kwargs["base_lr"], niters=1)
+    return LRScheduler(mode, **kwargs)

@@ -205,7 +205,7 @@ class Trainer:
             else:
                 log.info("resuming from %s of %s", where, folder.folder)
         log.info("training %s (%s) on %s, global batch %d (%d per device), %d batches/epoch, epochs %d..%d",
-                 config["model"], "x".join(map(str, self.net.filter_list)), ",".join(map(str, self.ctx)),
+                 config["model"], self.net.describe(), ",".join(map(str, self.ctx)),
                  config["batch_size"], self.local_batch // len(self.ctx), self.batches_per_epoch, self.epoch + 1,
                  config["num_epochs"])
         if self.cluster.distributed:

@@ -151,14 +151,16 @@ class Mapped:
 def timm_to_params(state: dict[str, np.ndarray]) -> Mapped:
     """Rename a timm state dict to our names: ``features.`` prefix, BN weight/bias -> gamma/beta, ``fc`` as is.
 
-    Accepts ``module.`` prefixes and Cadene's layout (``last_linear``, 2-D pointwise weights); skips
-    ``num_batches_tracked``.
+    For ``legacy_xception`` and the aligned ``xception41/65/71`` (whose ``head.fc`` is our ``fc``). Accepts ``module.``
+    prefixes and Cadene's layout (``last_linear``, 2-D pointwise weights); skips ``num_batches_tracked``.
     """
     clean = {}
     for name, value in state.items():
         key = name[len("module."):] if name.startswith("module.") else name
         if key.startswith("last_linear."):
             key = "fc." + key[len("last_linear."):]
+        elif key.startswith("head.fc."):
+            key = key[len("head."):]
         clean[key] = (name, value)
     mapped = Mapped()
     for key, (name, value) in clean.items():
