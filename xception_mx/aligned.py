@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import mxnet as mx
 from mxnet.gluon import nn
 
+from .model import FEATURES_NAME, stable_name
+
 __all__ = ["BlockSpec", "ALIGNED_CONFIGS", "block_table", "XceptionAligned"]
 
 
@@ -182,7 +184,7 @@ class XceptionAligned(nn.HybridBlock):
         self.fc.initialize(ctx=ctx)
 
     def hybrid_forward(self, F, x):
-        x = self.features(x)
+        x = stable_name(F, self.features(x), FEATURES_NAME)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.fc(x)

@@ -124,6 +124,9 @@ SCHEMA: list[Option] = [
     # Output, checkpoints, resume
     Option("output_dir", "str", "runs/xception", "where checkpoints, metrics.jsonl, curves.png and config.yaml go"),
     Option("prefix", "str", None, "checkpoint file prefix (default: the model name)"),
+    Option("softmax_head", "bool", False, "also write each epoch's export with a SoftmaxOutput head as "
+                                          "PREFIX-softmax-symbol.json + PREFIX-softmax-EEEE.params (MXNet's Module "
+                                          "tools: softmax_label)"),
     Option("keep_last", "int", 0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
            check=_non_negative),
     Option("log_interval", "int", 50, "log a progress line every N batches", check=_positive),

@@ -19,7 +19,8 @@ import mxnet as mx
 from mxnet.gluon import nn
 
 __all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D", "MODEL_CONFIGS",
-           "POOL_PADDINGS", "get_model", "list_models", "MIN_INPUT_SIZE", "count_parameters"]
+           "POOL_PADDINGS", "get_model", "list_models", "MIN_INPUT_SIZE", "count_parameters", "FEATURES_NAME",
+           "stable_name"]
 
 #: Keras documents 71 px as Xception's smallest input.
 MIN_INPUT_SIZE = 71
@@ -112,7 +113,11 @@ class XceptionBlock(nn.HybridBlock):
 
     def hybrid_forward(self, F, x):
         residual = self.skipbn(self.skip(x)) if self.skip is not None else x
-        return self.rep(x) + residual
+        # residual first: with rep(x) + residual, oneDNN's subgraph pass (optimize_for 'MKLDNN') fuses the sum into
+        # the depthwise conv of rep and fails shape inference ("Shape inconsistent, Provided = [C], inferred shape
+        # = (C,1,3,3)"); this order partitions, and the sum is the same in IEEE arithmetic (tested in
+        # tests/test_deploy.py). No upstream report found; MXNet's conv + sum fusion is apache/mxnet#12308.
+        return residual + self.rep(x)
 
 
 #: Accepted ``pool_padding`` values: 'symmetric' (timm, the MXNet seed; the default) and 'keras' (Keras's "same").
@@ -240,10 +245,23 @@ class Xception(nn.HybridBlock):
         return super().forward(x, *args)
 
     def hybrid_forward(self, F, x):
-        x = self.features(x)
+        x = stable_name(F, self.features(x), FEATURES_NAME)
         if self.dropout is not None:
             x = self.dropout(x)
         return self.fc(x)
+
+
+#: The exported symbol's pooled-features node (``pooled_features_output``), the same in every export: Gluon's own
+#: names carry per-process counters (``xception0_xceptionfeatures0_flatten0_flatten0``).
+FEATURES_NAME = "pooled_features"
+
+
+def stable_name(F, x, name: str):
+    """``x`` through an identity node named exactly ``name`` in symbols (a no-op on NDArrays)."""
+    if F is mx.nd:
+        return x
+    with mx.name.NameManager():  # outside the block's prefix scope
+        return F.identity(x, name=name)
 
 
 def list_models() -> list[str]:

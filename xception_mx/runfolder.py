@@ -136,7 +136,8 @@ class RunFolder:
         """Delete a checkpoint (the manifest first: a crash midway leaves nothing that looks complete)."""
         f = self.files(epoch)
         states = self.partial_state_files() if epoch is None else [f.state]
-        for path in (f.manifest, *states, f.export):
+        softmax = [f"{self.model_prefix}-softmax-{epoch:04d}.params"] if epoch is not None else []
+        for path in (f.manifest, *states, f.export, *softmax):
             if os.path.exists(path):
                 os.remove(path)
 

@@ -243,6 +243,11 @@ class Trainer:
                 with disk_errors(self.folder.folder, f"the export of epoch {epoch}"):
                     append_synced(self.folder.metrics, json.dumps(record) + "\n")
                     export_atomic(self.net, self.folder.model_prefix, epoch)
+                    if self.config["softmax_head"]:
+                        from .deploy import add_softmax_head
+
+                        prefix = self.folder.model_prefix
+                        add_softmax_head(prefix, epoch, f"{prefix}-softmax", epoch, check=False)
         self.epoch, self.in_progress = epoch, None
         if self.best["val_top1"] is None or record["val_top1"] > self.best["val_top1"]:
             self.best = dict(record)

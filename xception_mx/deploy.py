@@ -1,0 +1,265 @@
+"""``xception-deploy`` (``python -m xception_mx.deploy``): an export made faster or portable.
+
+- ``int8``: oneDNN INT8 through MXNet's ``quantize_net`` (calibrated on our validation iterator) -> a new export
+  (``PREFIX-symbol.json`` + ``PREFIX-0000.params``) that ``score.py --epoch 0`` scores like any other;
+- ``onnx``: ``mx.onnx.export_model`` -> ``model.onnx`` with the preprocessing protocol in its metadata, checked
+  against MXNet with onnxruntime by the command itself;
+- ``softmax-head``: the export with ``SoftmaxOutput(name='softmax')`` appended, for MXNet's Module-API tools
+  (``Module.bind`` with ``softmax_label``, MXNet's example ``score.py``).
+
+Each writes its protocol beside its output and nothing under a final name until it is complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from .console import OneLineParser, run_cli, setup_logging
+from .errors import RunFailed, UserError
+
+__all__ = ["quantize", "quantize_int8", "export_onnx", "add_softmax_head", "main", "ONNX_PIN", "ONNX_TOLERANCE"]
+
+#: MXNet 1.9.1's exporter needs onnx.mapping (gone in onnx 1.19) and stamps onnx's newest opset, which onnxruntime
+#: < 1.20 (the last beside numpy < 1.24) reads up to opset 21 and IR version 10: onnx 1.16.
+ONNX_PIN = "onnx>=1.14,<1.17"
+ONNX_TOLERANCE = 1e-4
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def check_int8_support() -> None:
+    """oneDNN runs INT8 fast only with VNNI (AVX512-VNNI or AVX-VNNI); without it, one line instead of a slow file."""
+    import mxnet as mx
+
+    if not mx.runtime.Features().is_enabled("MKLDNN"):
+        raise UserError("this MXNet build has no oneDNN (MKLDNN): INT8 needs the CPU wheel mxnet==1.9.1")
+    if not _cpu_flags() & {"avx512_vnni", "avx_vnni"}:
+        raise UserError("this CPU has no VNNI instructions (avx512_vnni / avx_vnni in /proc/cpuinfo): oneDNN INT8 "
+                        "would not be faster than fp32 here; quantize on a CPU that has them")
+
+
+def _write_export(net, out_prefix: str, pre) -> None:
+    """``net.export`` into a temporary folder beside ``out_prefix``, then each file renamed into place (epoch 0)."""
+    from .checkpoint import export_atomic
+
+    folder = os.path.dirname(os.path.abspath(out_prefix))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    export_atomic(net, out_prefix, 0)
+    pre.write(out_prefix)
+
+
+def quantize(net, calib, num_images: int, calib_mode: str = "naive"):
+    """``quantize_net_v2`` (oneDNN, all layers INT8, tensor-wise scales) of an fp32 HybridBlock, calibrated on
+    ``num_images`` images of the DataIter ``calib``; a hybridized SymbolBlock."""
+    import warnings
+
+    import mxnet as mx
+    from mxnet.contrib.quantization import quantize_net_v2
+
+    with warnings.catch_warnings():  # "Cannot decide type for ... data": the SymbolBlock's input, set by the call
+        warnings.simplefilter("ignore")
+        qnet = quantize_net_v2(net, quantized_dtype="auto", quantize_mode="full", calib_data=calib,
+                               calib_mode=calib_mode, num_calib_examples=num_images, ctx=mx.cpu())
+    qnet.hybridize(static_alloc=True, static_shape=True)
+    return qnet
+
+
+def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, calib_mode: str = "naive",
+                  num_calib_images: int = 512, batch_size: int = 16) -> dict:
+    """Quantize an export to INT8 with calibration batches from our validation iterator; returns a summary."""
+    import mxnet as mx
+
+    from . import data
+    from .score import export_protocol, load_exported
+
+    check_int8_support()
+    shards = data.find_shards(calib_rec)
+    records = data.count_records(shards)
+    if records == 0:
+        raise UserError(f"--calib-rec {calib_rec}: the shards hold no records; give validation shards with images")
+    pre = export_protocol(prefix)
+    shape = (3, pre.input_size, pre.input_size)
+    net = load_exported(prefix, epoch, [mx.cpu()])
+    if getattr(net, "partitioned", False):
+        raise UserError(f"{prefix} is already quantized or fused: quantize the fp32 export")
+    net.hybridize(static_alloc=True)
+    batch = min(batch_size, records)
+    calib = data.val_iter(shards, batch, shape, crop_pct=pre.crop_pct, mean=pre.mean, std=pre.std,
+                          inter_method=pre.inter_method, preprocess_threads=2)
+    count = min(num_calib_images, records)
+    qnet = quantize(net, calib, count, calib_mode)
+    qnet(mx.nd.zeros((batch, *shape)))  # traces the graph for export
+    _write_export(qnet, out_prefix, pre)
+    return {"out": out_prefix, "calib_images": count, "calib_mode": calib_mode}
+
+
+def _import_onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise UserError(f"ONNX export needs the onnx extra: pip install -e '.[onnx]' (that is {ONNX_PIN} and "
+                        f"onnxruntime)") from None
+    if not hasattr(onnx, "mapping") or onnx.defs.onnx_opset_version() > 21:
+        raise UserError(f"onnx {onnx.__version__} is too new (MXNet 1.9.1's exporter needs onnx.mapping and "
+                        f"stamps opset {onnx.defs.onnx_opset_version()}, onnxruntime reads 21): pip install "
+                        f"'{ONNX_PIN}'")
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("the ONNX parity check needs onnxruntime: pip install -e '.[onnx]'") from None
+    return onnx, onnxruntime
+
+
+def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = False, batch_size: int = 2) -> dict:
+    """The export as ONNX (opset of MXNet's exporter), its protocol in the model's metadata, checked by onnxruntime
+    against MXNet on random inputs: RunFailed when the max |logit diff| exceeds ONNX_TOLERANCE."""
+    import mxnet as mx
+    import numpy as np
+
+    from .fileio import atomic_path
+    from .score import export_protocol, load_exported
+
+    onnx, ort = _import_onnx()
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out_path}: folder {folder} does not exist")
+    pre = export_protocol(prefix)
+    shape = (3, pre.input_size, pre.input_size)
+    net = load_exported(prefix, epoch, [mx.cpu()])  # checks the files
+    sym, params = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
+    with atomic_path(out_path) as tmp:
+        kwargs = {"dynamic": True, "dynamic_input_shapes": [(None, *shape)]} if dynamic_batch else {}
+        mx.onnx.export_model(sym, params, [(batch_size, *shape)], np.float32, tmp, **kwargs)
+        model = onnx.load(tmp)
+        weights = {init.name for init in model.graph.initializer}
+        inputs = [i for i in model.graph.input if i.name not in weights]  # MXNet lists the weights as inputs too,
+        del model.graph.input[:]  # which keeps onnxruntime from folding them
+        model.graph.input.extend(inputs)
+        for key, value in (("xception_mx.preprocess", json.dumps(pre.to_dict())), ("xception_mx.source", prefix)):
+            model.metadata_props.add(key=key, value=value)
+        onnx.save(model, tmp)
+        diffs = []
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
+        for batch in ([batch_size, 1, 3] if dynamic_batch else [batch_size]):
+            x = np.random.RandomState(batch).uniform(-1, 1, (batch, *shape)).astype(np.float32)
+            ours = net(mx.nd.array(x)).asnumpy()
+            theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
+            diffs.append(float(np.abs(ours - theirs).max()))
+        if max(diffs) > ONNX_TOLERANCE:
+            raise RunFailed(f"onnxruntime differs from MXNet by {max(diffs):.2e} (more than {ONNX_TOLERANCE:g}): "
+                            f"{out_path} not written")
+    return {"out": out_path, "max_abs_logit_diff": max(diffs), "dynamic_batch": dynamic_batch}
+
+
+def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 0, check: bool = True,
+                     normalise_inside: bool = False) -> dict:
+    """The export with SoftmaxOutput(name='softmax') appended (its label input is ``softmax_label``), as
+    ``out_prefix``-symbol.json + ``out_prefix``-``out_epoch``.params. ``normalise_inside``: the graph also subtracts
+    the protocol's mean and divides by its std, so it takes 0-255 RGB pixels (what MXNet's example score.py feeds:
+    it has ``--rgb-mean`` but no std)."""
+    import mxnet as mx
+
+    from .fileio import atomic_path, atomic_write_text
+    from .model import FEATURES_NAME
+    from .score import export_protocol, load_exported
+
+    if check:
+        load_exported(prefix, epoch, [mx.cpu()])  # one line for missing or mismatched files
+    folder = os.path.dirname(os.path.abspath(out_prefix))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    sym = mx.sym.load(f"{prefix}-symbol.json")
+    if "softmax_label" in sym.list_arguments():
+        raise UserError(f"{prefix}-symbol.json already ends in a SoftmaxOutput")
+    pre = export_protocol(prefix)
+    params = mx.nd.load(f"{prefix}-{epoch:04d}.params")
+    if normalise_inside:
+        pixels = mx.sym.var("data")
+        mean = mx.sym.var("xception_mx_mean", shape=(1, 3, 1, 1))
+        std = mx.sym.var("xception_mx_std", shape=(1, 3, 1, 1))
+        sym = sym(data=mx.sym.broadcast_div(mx.sym.broadcast_sub(pixels, mean), std))
+        params["arg:xception_mx_mean"] = mx.nd.array(pre.mean).reshape((1, 3, 1, 1))
+        params["arg:xception_mx_std"] = mx.nd.array(pre.std).reshape((1, 3, 1, 1))
+        pre = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    head = mx.sym.SoftmaxOutput(data=sym, name="softmax")
+    with atomic_path(f"{out_prefix}-{out_epoch:04d}.params") as tmp:
+        mx.nd.save(tmp, params)
+    atomic_write_text(f"{out_prefix}-symbol.json", head.tojson())
+    pre.write(out_prefix)
+    features = f"{FEATURES_NAME}_output" in sym.get_internals().list_outputs()
+    return {"out": out_prefix, "features_layer": f"{FEATURES_NAME}_output" if features else None}
+
+
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="xception-deploy", allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    p = commands.add_parser("int8", help="quantize an export to INT8 (oneDNN, needs VNNI)")
+    _common(p)
+    p.add_argument("--calib-rec", required=True, help="calibration shards (validation images): prefix, glob or list")
+    p.add_argument("--calib-mode", choices=["naive", "entropy"], default="naive")
+    p.add_argument("--num-calib-images", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--out", required=True, help="OUT_PREFIX of the INT8 export (epoch 0)")
+    p = commands.add_parser("onnx", help="export to ONNX and check it with onnxruntime")
+    _common(p)
+    p.add_argument("--out", required=True, help="the .onnx file")
+    p.add_argument("--dynamic-batch", action="store_true", help="a free batch dimension")
+    p = commands.add_parser("softmax-head", help="append SoftmaxOutput for MXNet's Module-API tools")
+    _common(p)
+    p.add_argument("--normalise-inside", action="store_true",
+                   help="fold the protocol's mean/std into the graph: it takes 0-255 RGB pixels")
+    p.add_argument("--out", required=True, help="OUT_PREFIX of the new export (epoch 0)")
+    return parser
+
+
+def _common(p) -> None:
+    p.add_argument("--model-prefix", required=True, help="PREFIX of PREFIX-symbol.json / PREFIX-NNNN.params")
+    p.add_argument("--epoch", type=int, required=True, help="NNNN of PREFIX-NNNN.params")
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
+        args = _parser().parse_args(argv)
+        if args.command is None:
+            raise UserError("choose a command: int8, onnx or softmax-head (see xception-deploy --help)")
+        if args.command == "int8":
+            if args.num_calib_images < 1 or args.batch_size < 1:
+                raise UserError("--num-calib-images and --batch-size must be at least 1")
+            result = quantize_int8(args.model_prefix, args.epoch, args.calib_rec, args.out, args.calib_mode,
+                                   args.num_calib_images, args.batch_size)
+            print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
+                  f"calibration images, {args.calib_mode}); score it with: score.py --model-prefix {args.out} "
+                  f"--epoch 0 --rec VAL_SHARDS")
+        elif args.command == "onnx":
+            result = export_onnx(args.model_prefix, args.epoch, args.out, args.dynamic_batch)
+            print(f"ONNX: {args.out} (max |logit diff| against MXNet {result['max_abs_logit_diff']:.2e}"
+                  f"{', dynamic batch' if args.dynamic_batch else ''})")
+        else:
+            result = add_softmax_head(args.model_prefix, args.epoch, args.out,
+                                      normalise_inside=args.normalise_inside)
+            print(f"export with SoftmaxOutput 'softmax': {args.out}-symbol.json, {args.out}-0000.params; pooled "
+                  f"features: {result['features_layer'] or 'not named in this export'}")
+        return 0
+
+    return run_cli("xception-deploy", body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
