@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from test_convert import SIZES, TOLERANCE, _ref_run
+from test_convert import SIZES, TOLERANCE, _ref_run, write_inputs
 from test_train import _cli, base_args
 from xception_mx import get_model, list_models
 from xception_mx.aligned import ALIGNED_CONFIGS, block_table
@@ -68,12 +68,7 @@ def test_trainer_score_and_export_take_an_aligned_name(colour_shards, tmp_path):
 @pytest.fixture(scope="module")
 def aligned_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aligned_reference")
-    rng = np.random.RandomState(7)
-    inputs = []
-    for name, (h, w) in SIZES.items():
-        path = str(folder / f"{name}.npy")
-        np.save(path, rng.uniform(-1, 1, (2, 3, h, w)).astype(np.float32))
-        inputs.append(path)
+    inputs = write_inputs(folder, seed=7)
     return folder, json.loads(_ref_run("ref_timm_aligned.py", str(folder), *inputs, timeout=1200))
 
 

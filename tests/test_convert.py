@@ -45,16 +45,22 @@ def _ref_run(script: str, *args: str, timeout: int = 900) -> str:
     return proc.stdout.strip().splitlines()[-1]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """Reference weight files and logits from timm and Keras (random weights, shared inputs in [-1, 1])."""
-    folder = tmp_path_factory.mktemp("reference")
-    rng = np.random.RandomState(42)
+def write_inputs(folder, seed: int) -> list[str]:
+    """Two random images in [-1, 1] at each of SIZES, as NAME.npy files for the reference scripts."""
+    rng = np.random.RandomState(seed)
     inputs = []
     for name, (h, w) in SIZES.items():
         path = str(folder / f"{name}.npy")
         np.save(path, rng.uniform(-1, 1, (2, 3, h, w)).astype(np.float32))
         inputs.append(path)
+    return inputs
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Reference weight files and logits from timm and Keras (random weights, shared inputs in [-1, 1])."""
+    folder = tmp_path_factory.mktemp("reference")
+    inputs = write_inputs(folder, seed=42)
     summary = {"timm": json.loads(_ref_run("ref_timm.py", str(folder), *inputs)),
                "keras": json.loads(_ref_run("ref_keras.py", str(folder), *inputs))}
     return folder, summary

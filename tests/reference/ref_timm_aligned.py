@@ -16,6 +16,7 @@ import numpy as np
 import safetensors.torch
 import timm
 import torch
+from ref_common import randomise_batchnorm
 
 VARIANTS = ("xception41", "xception65", "xception71")
 
@@ -23,21 +24,7 @@ VARIANTS = ("xception41", "xception65", "xception71")
 def randomised(variant: str) -> torch.nn.Module:
     torch.manual_seed(0)
     model = timm.create_model(variant, pretrained=False)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    for bn in bns:  # cumulative average: one training pass sets the running statistics to that batch's
-        bn.reset_running_stats()
-        bn.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(torch.rand(2, 3, 128, 128) * 2 - 1)
-        gen = torch.Generator().manual_seed(1)
-        for bn in bns:
-            c = bn.num_features
-            bn.running_var.mul_(torch.rand(c, generator=gen) * 1.5 + 0.5)
-            bn.running_mean.add_(0.2 * torch.randn(c, generator=gen) * bn.running_var.sqrt())
-            bn.weight.copy_(torch.rand(c, generator=gen) + 0.5)
-            bn.bias.copy_(0.1 * torch.randn(c, generator=gen))
-    return model.eval()
+    return randomise_batchnorm(model, torch.rand(2, 3, 128, 128) * 2 - 1)
 
 
 def main() -> None:
