@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import sys
+import time
 
 from .console import OneLineParser, run_cli, setup_logging
 from .errors import RunFailed, UserError
@@ -25,6 +27,8 @@ __all__ = ["quantize", "quantize_int8", "export_onnx", "add_softmax_head", "main
 #: < 1.20 (the last beside numpy < 1.24) reads up to opset 21 and IR version 10: onnx 1.16.
 ONNX_PIN = "onnx>=1.14,<1.17"
 ONNX_TOLERANCE = 1e-4
+
+log = logging.getLogger("xception_mx.deploy")
 
 
 def _cpu_flags() -> set[str]:
@@ -99,7 +103,11 @@ def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, cali
     calib = data.val_iter(shards, batch, shape, crop_pct=pre.crop_pct, mean=pre.mean, std=pre.std,
                           inter_method=pre.inter_method, preprocess_threads=2)
     count = min(num_calib_images, records)
+    log.info("quantizing %s-%04d to INT8: %s calibration on %d images of %s (batch %d)...", prefix, epoch,
+             calib_mode, count, calib_rec, batch)
+    start = time.time()
     qnet = quantize(net, calib, count, calib_mode)
+    log.info("quantized in %.1fs", time.time() - start)
     qnet(mx.nd.zeros((batch, *shape)))  # traces the graph for export
     _write_export(qnet, out_prefix, pre)
     return {"out": out_prefix, "calib_images": count, "calib_mode": calib_mode}
@@ -139,6 +147,7 @@ def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = Fa
     shape = (3, pre.input_size, pre.input_size)
     net = load_exported(prefix, epoch, [mx.cpu()])  # checks the files
     sym, params = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
+    log.info("exporting %s-%04d to ONNX, then checking it with onnxruntime...", prefix, epoch)
     with atomic_path(out_path) as tmp:
         kwargs = {"dynamic": True, "dynamic_input_shapes": [(None, *shape)]} if dynamic_batch else {}
         mx.onnx.export_model(sym, params, [(batch_size, *shape)], np.float32, tmp, **kwargs)
