@@ -23,18 +23,8 @@ REF_PYTHON = os.environ.get("XCEPTION_MX_REF_PYTHON", os.path.join(ROOT, ".venv-
 #: timm's names for ours where they differ.
 TIMM_NAMES = {"xception": "legacy_xception"}
 
-
-def cpu_line() -> str:
-    """The CPU model and the SIMD flags that matter for these kernels, from /proc/cpuinfo."""
-    model, flags = "unknown CPU", set()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name") and model == "unknown CPU":
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
-    return f"{model}, {os.cpu_count()} cores, flags: {' '.join(f for f in wanted if f in flags)}"
+sys.path.insert(0, ROOT)
+from xception_mx.cpuinfo import cpu_line  # noqa: E402  (stdlib only: the reference venv's workers import it too)
 
 
 def _median_rate(step, batch: int, warmup: int, repeats: int, sync) -> float:

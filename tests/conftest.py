@@ -12,6 +12,13 @@ if ROOT not in sys.path:
 TINY_FILTERS = (8, 8, 16, 16, 24, 24, 32)
 
 
+def needs_cpu_flag(flag: str, why: str):
+    """Skip (the reason printed: pytest runs with -rs) where /proc/cpuinfo lacks ``flag``."""
+    from xception_mx.cpuinfo import cpu_flags, cpu_model
+
+    return pytest.mark.skipif(flag not in cpu_flags(), reason=f"this CPU ({cpu_model()}) lacks {flag}: {why}")
+
+
 @pytest.fixture
 def tiny_filters():
     return TINY_FILTERS

@@ -154,7 +154,7 @@ CLI_WORKER = textwrap.dedent("""
         return real_validate(self)
     train.Trainer.validate = validate
     if os.environ.get("KILL_RANK"):
-        real_create, real_step, seen = train.create_cluster, train.train_step, {"steps": 0}
+        real_create, real_step, seen = train.create_cluster, train.TrainStep.__call__, {"steps": 0}
         def create(*args, **kwargs):
             cluster = real_create(*args, **kwargs)
             seen["rank"] = cluster.rank
@@ -164,7 +164,7 @@ CLI_WORKER = textwrap.dedent("""
             if seen["steps"] == 2 and seen["rank"] == int(os.environ["KILL_RANK"]):
                 os.kill(os.getpid(), signal.SIGKILL)
             return real_step(*args, **kwargs)
-        train.create_cluster, train.train_step = create, step
+        train.create_cluster, train.TrainStep.__call__ = create, step
     sys.exit(cli.train_main(sys.argv[1:]))
 """)
 

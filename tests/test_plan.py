@@ -102,6 +102,8 @@ def test_a_retrained_run_resumes_with_the_printed_command(tmp_path):
     (["--lr", "0.5"], "--lr with --resume"),
     (["--lr-mode", "exp"], "--lr-mode with --resume"),
     (["--batch-size", "32"], "--batch-size with --resume"),
+    (["--amp", "bfloat16"], "--amp with --resume"),
+    (["--accumulate", "2"], "--accumulate with --resume"),
 ])
 def test_resume_refuses_a_new_schedule_from_a_flag(tmp_path, argv, fragment):
     make_run(tmp_path / "run")
@@ -167,11 +169,34 @@ def test_engine_choice(tmp_path, argv, environ, engine):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--cpus", "3"], "not divisible by the 3 devices"),
-    (["--dtype", "float16"], "--dtype float16 needs GPUs"),
+    (["--amp", "float16"], "--amp float16 needs GPUs"),
+    (["--amp", "bfloat16", "--gpus", "0"], "on GPUs use --amp float16"),
+    (["--dtype", "float16"], "dtype was replaced by amp: use --amp float16"),
 ])
 def test_device_checks_run_before_anything_is_built(tmp_path, argv, fragment):
     with pytest.raises(UserError, match=fragment):
         plan("--output-dir", str(tmp_path / "run"), *argv)
+
+
+def test_bfloat16_needs_the_cpu_instructions(tmp_path, monkeypatch):
+    import xception_mx.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "cpu_flags", lambda: {"avx2", "avx512f"})
+    with pytest.raises(UserError, match="lacks bfloat16 instructions .* --amp off"):
+        plan("--output-dir", str(tmp_path / "run"), "--amp", "bfloat16")
+    monkeypatch.setattr(plan_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert plan("--output-dir", str(tmp_path / "run"), "--amp", "bfloat16").config["amp"] == "bfloat16"
+
+
+def test_a_retrain_may_switch_precision_and_an_old_dtype_key_is_read(tmp_path, monkeypatch):
+    import xception_mx.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "cpu_flags", lambda: {"avx512_bf16"})
+    make_run(tmp_path / "run", config={"dtype": "float32"})  # a run saved before --amp existed
+    assert plan("--output-dir", str(tmp_path / "run"), "--resume").config["amp"] == "off"
+    p = plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "2", "--lr", "0.01",
+             "--amp", "bfloat16")
+    assert p.retrain and p.config["amp"] == "bfloat16"
 
 
 def test_shards_and_record_headers_are_checked_in_the_plan(colour_shards, tmp_path):

@@ -34,7 +34,8 @@ def build_schedule(config: dict, origin: dict, batches_per_epoch: int):
 
 
 def optimizer_params(config: dict, lr_scheduler) -> dict:
-    params = {"wd": config["wd"], "lr_scheduler": lr_scheduler, "multi_precision": config["dtype"] == "float16"}
+    # No multi_precision: under AMP the parameters themselves stay float32 (the master weights).
+    params = {"wd": config["wd"], "lr_scheduler": lr_scheduler}
     if config["optimizer"] in ("sgd", "nag"):
         params["momentum"] = config["momentum"]
     elif config["optimizer"] == "rmsprop":

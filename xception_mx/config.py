@@ -19,7 +19,7 @@ from .console import OneLineParser
 from .errors import UserError
 
 __all__ = ["Option", "SCHEMA", "defaults", "load_yaml", "resolve", "build_parser", "dump_yaml",
-           "parse_device_list", "wants_serial_engine", "DISTRIBUTED_KV_STORES"]
+           "parse_device_list", "wants_serial_engine", "upgrade_saved", "DISTRIBUTED_KV_STORES"]
 
 
 @dataclass(frozen=True)
@@ -98,8 +98,11 @@ SCHEMA: list[Option] = [
            choices=["device", "local", "dist_sync", "dist_device_sync", "horovod"]),
     Option("batch_size", "int", 32, "global batch of one step, summed over all devices and workers, split evenly "
                                     "across them", check=_positive),
-    Option("dtype", "str", "float32", "training precision (float16 = multi-precision, GPUs only)",
-           choices=["float32", "float16"]),
+    Option("amp", "str", "off", "mixed precision through mx.contrib.amp: bfloat16 (CPUs with avx512_bf16), "
+                                "float16 (GPUs, dynamic loss scaling); weights, optimizer state, checkpoints and "
+                                "exports stay float32", choices=["off", "bfloat16", "float16"]),
+    Option("loss_scale_window", "int", 2000, "--amp float16: good steps before the loss scale doubles (it halves "
+                                             "at once on an overflow, and that step is skipped)", check=_positive),
     # Optimisation
     Option("optimizer", "str", "sgd", "optimizer", choices=["sgd", "nag", "rmsprop", "adam"]),
     Option("lr", "float", 0.045, "base learning rate (after warm-up)", check=_positive),
@@ -117,6 +120,10 @@ SCHEMA: list[Option] = [
     Option("no_wd_bn_bias", "bool", False, "no weight decay on BatchNorm gamma/beta and biases"),
     Option("label_smoothing", "float", 0.0, "label smoothing epsilon", check=_fraction),
     Option("mixup", "float", 0.0, "mixup alpha (0 = off)", check=_non_negative),
+    Option("accumulate", "int", 1, "sum the gradients of N micro-batches of batch_size / N images into one "
+                                   "update of batch_size (the schedule counts updates)", check=_positive),
+    Option("clip_grad_norm", "float", 0.0, "scale the gradients down to this global L2 norm when above it "
+                                           "(0 = off)", check=_non_negative),
     Option("ema", "float", 0.0, "EMA/Polyak decay of weights used for evaluation and export (0 = off)",
            check=_fraction),
     Option("num_epochs", "int", 100, "epochs to train", check=_positive),
@@ -127,6 +134,8 @@ SCHEMA: list[Option] = [
     Option("softmax_head", "bool", False, "also write each epoch's export with a SoftmaxOutput head as "
                                           "PREFIX-softmax-symbol.json + PREFIX-softmax-EEEE.params (MXNet's Module "
                                           "tools: softmax_label)"),
+    Option("tensorboard", "str", None, "also write TensorBoard event files into this folder (needs the "
+                                       "'tensorboard' extra: pip install 'xception_mx[tensorboard]')"),
     Option("keep_last", "int", 0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
            check=_non_negative),
     Option("log_interval", "int", 50, "log a progress line every N batches", check=_positive),
@@ -217,7 +226,22 @@ def _check(opt: Option, value: Any, source: str) -> None:
             raise UserError(f"{source}: {opt.name} {problem}, got {value!r}")
 
 
+#: Keys an older version had, and what replaced them.
+_REPLACED = {"dtype": "dtype was replaced by amp: use --amp float16 (GPUs) or --amp bfloat16 (CPUs with "
+                      "avx512_bf16); float32 training is --amp off (the default)"}
+
+
+def upgrade_saved(config: dict) -> dict:
+    """A configuration saved by an older version, in today's keys (``dtype: float16`` -> ``amp: float16``)."""
+    config = dict(config)
+    if "dtype" in config:
+        config["amp"] = "float16" if config.pop("dtype") == "float16" else "off"
+    return config
+
+
 def _unknown_key(key: str, source: str) -> UserError:
+    if key.replace("-", "_") in _REPLACED:
+        return UserError(f"{source}: {_REPLACED[key.replace('-', '_')]}")
     close = difflib.get_close_matches(key, list(_BY_NAME), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else " (see train_xception.py --help for the keys)"
     return UserError(f"{source}: unknown key {key!r}{hint}")
@@ -285,6 +309,8 @@ def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
     parser = OneLineParser(prog=prog, description="Train Xception on RecordIO shards (MXNet Gluon).",
                             argument_default=argparse.SUPPRESS, allow_abbrev=False)
     parser.add_argument("--config", help="YAML file of keys from this list; flags override it")
+    for name in _REPLACED:  # refused in resolve() with a line saying what replaced them
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, help=argparse.SUPPRESS)
     for opt in SCHEMA:
         flag = "--" + opt.name.replace("_", "-")
         default = "" if opt.default is None else f" (default: {opt.default})"

@@ -34,7 +34,7 @@ def make_contexts(gpus: list[int], cpus: int = 1) -> list[mx.Context]:
     return [mx.cpu(i) for i in range(cpus)]
 
 
-def evaluate(net, val_data, ctx: list[mx.Context], num_classes: int, dtype: str = "float32",
+def evaluate(net, val_data, ctx: list[mx.Context], num_classes: int,
              on_batch: Callable[[np.ndarray, np.ndarray], None] | None = None) -> Accumulator:
     """Top-1/top-5 and mean cross-entropy over every image of ``val_data`` once (last batch's padding dropped).
 
@@ -47,8 +47,6 @@ def evaluate(net, val_data, ctx: list[mx.Context], num_classes: int, dtype: str 
         valid = x.shape[0] - (batch.pad or 0)
         check_labels(labels[:valid], num_classes)
         y = labels.astype(np.int64)[:valid]
-        if dtype != "float32":
-            x = x.astype(dtype)
         xs = gluon.utils.split_and_load(x, ctx, even_split=False)
         logits = np.concatenate([net(xi).astype("float32").asnumpy() for xi in xs])[:valid]
         shifted = logits - logits.max(axis=1, keepdims=True)

@@ -14,7 +14,8 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from .config import build_parser, load_yaml, resolve
+from .config import build_parser, load_yaml, resolve, upgrade_saved
+from .cpuinfo import cpu_flags
 from .errors import UserError
 from .records import check_checksums, check_records, count_records, find_shards
 from .runfolder import RunFolder, prefixes_in
@@ -27,8 +28,9 @@ log = logging.getLogger("xception_mx.plan")
 #: Keys that define the optimiser and schedule: a resume continues the saved ones, --retrain starts new ones.
 SCHEDULE_KEYS = ("optimizer", "lr", "lr_mode", "lr_decay", "lr_decay_period", "lr_step_epochs", "poly_power",
                  "target_lr", "warmup_epochs", "warmup_lr")
-#: What a resume may not change (the batch size fixes the steps per epoch, and so the schedule's positions).
-FIXED_ON_RESUME = SCHEDULE_KEYS + ("batch_size",)
+#: What a resume may not change (the batch size fixes the steps per epoch, and so the schedule's positions; the
+#: precision and the accumulation change the arithmetic an exact resume repeats). --retrain may change them.
+FIXED_ON_RESUME = SCHEDULE_KEYS + ("batch_size", "accumulate", "amp")
 #: How this command continues a run: taken from the command alone, never from a saved configuration.
 RUN_CONTROL_KEYS = ("resume", "retrain", "model_load_epoch")
 #: Multi-process KVStore types. ``deterministic: auto`` keeps MXNet's threaded engine for them: the serial engine
@@ -94,7 +96,7 @@ def plan_run(argv: list[str] | None = None, environ: dict | None = None, check_d
         folder.refuse_fresh_run()
         schedule = {"start_epoch": 0, "lr": config["lr"], "warmup_epochs": config["warmup_epochs"]}
     else:
-        saved = {k: v for k, v in point.manifest["config"].items() if k not in RUN_CONTROL_KEYS}
+        saved = {k: v for k, v in upgrade_saved(point.manifest["config"]).items() if k not in RUN_CONTROL_KEYS}
         config = resolve(saved, given)
         if config["retrain"]:
             schedule = {"start_epoch": point.epoch, "lr": config["lr"], "warmup_epochs": 0}
@@ -150,9 +152,9 @@ def _refuse_schedule_change(saved: dict, config: dict, given: dict, flags: dict,
     key = changed[0]
     flag = "--" + key.replace("_", "-")
     where = flag if key in flags else f"{key}: {given[key]!r} in {config_file}"
-    raise UserError(f"{where} with --resume: a resume continues the saved optimiser, schedule and batch size "
-                    f"exactly (the run has {key} {saved[key]!r}); to start a new one from epoch N use --retrain "
-                    f"--model-load-epoch N {flag} ...")
+    raise UserError(f"{where} with --resume: a resume continues the saved optimiser, schedule, batch size, "
+                    f"accumulation and precision exactly (the run has {key} {saved[key]!r}); to change it from "
+                    f"epoch N use --retrain --model-load-epoch N --lr LR {flag} ...")
 
 
 def _check_devices(config: dict) -> None:
@@ -160,8 +162,22 @@ def _check_devices(config: dict) -> None:
     if config["batch_size"] % devices and config["kv_store"] in ("device", "local"):
         raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {devices} devices: "
                         f"use a multiple of {devices}")
-    if config["dtype"] == "float16" and not config["gpus"]:
-        raise UserError("--dtype float16 needs GPUs (--gpus): MXNet's CPU kernels train in float32")
+    _check_precision(config)
+
+
+def _check_precision(config: dict) -> None:
+    """float16 AMP needs GPUs (MXNet's CPU kernels have no float16 convolution); bfloat16 AMP runs on oneDNN, so on
+    CPUs, and only where the CPU has bfloat16 instructions (elsewhere oneDNN emulates it, slower than float32)."""
+    if config["amp"] == "float16" and not config["gpus"]:
+        raise UserError("--amp float16 needs GPUs (--gpus): MXNet's CPU kernels have no float16 convolution; "
+                        "on a CPU with avx512_bf16 use --amp bfloat16")
+    if config["amp"] == "bfloat16":
+        if config["gpus"]:
+            raise UserError("--amp bfloat16 runs on CPUs (MXNet's bfloat16 kernels are oneDNN's): on GPUs use "
+                            "--amp float16")
+        if "avx512_bf16" not in cpu_flags():
+            raise UserError("--amp bfloat16: this CPU lacks bfloat16 instructions (no avx512_bf16 in "
+                            "/proc/cpuinfo), where it would be slower than float32: train with --amp off")
 
 
 def _find_shards(config: dict) -> Shards:

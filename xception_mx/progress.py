@@ -22,23 +22,28 @@ class Progress:
         self.start_time = time.time()
         self.done = self.first = start
         self.bar = None
+        self.rate = 0.0
         if sys.stderr.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=start, desc=f"epoch {epoch}", unit="batch", leave=False)
 
-    def update(self, acc: Accumulator, lr: float) -> None:
+    def update(self, lr: float, acc: Accumulator | None = None, grad_norm: float | None = None) -> None:
+        """One more batch; with ``acc`` (the figures read back at the log interval) also the loss and top-1."""
         self.done += 1
         elapsed = max(time.time() - self.start_time, 1e-9)
         rate = (self.done - self.first) * self.batch_size / elapsed
         eta = (self.total - self.done) * self.batch_size / max(rate, 1e-9)
+        norm = "" if grad_norm is None else f" grad-norm {grad_norm:.3g}"
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{acc.loss:.4f}", top1=f"{acc.top(1):.3f}", img_s=f"{rate:.1f}",
-                                 lr=f"{lr:.3g}", refresh=False)
+            if acc is not None:
+                self.bar.set_postfix(loss=f"{acc.loss:.4f}", top1=f"{acc.top(1):.3f}", img_s=f"{rate:.1f}",
+                                     lr=f"{lr:.3g}", refresh=False)
             self.bar.update(1)
-        elif self.done % self.interval == 0 or self.done == self.total:
-            log.info("epoch %d [%d/%d] loss %.4f top-1 %.4f lr %.4g %.1f img/s ETA %ds", self.epoch, self.done,
-                     self.total, acc.loss, acc.top(1), lr, rate, eta)
+        elif acc is not None:
+            log.info("epoch %d [%d/%d] loss %.4f top-1 %.4f lr %.4g%s %.1f img/s ETA %ds", self.epoch, self.done,
+                     self.total, acc.loss, acc.top(1), lr, norm, rate, eta)
+        self.rate = rate
 
     def close(self) -> None:
         if self.bar is not None:

@@ -23,6 +23,7 @@ from .builders import build_net, build_schedule, optimizer_params, train_data, v
 from .checkpoint import disk_errors, export_atomic, load_state, save_checkpoint
 from .config import dump_yaml
 from .console import log_to_file
+from .device_metrics import DeviceSums
 from .distributed import create_cluster
 from .ema import EMA
 from .errors import Interrupted, RunFailed, UserError
@@ -31,10 +32,11 @@ from .fileio import append_synced, atomic_write_text, remove_stale_temporaries
 from .metrics import Accumulator, plot_curves, truncate_jsonl
 from .optim_state import optimizer_state_arrays, restore_optimizer_state
 from .plan import RunPlan, wants_serial_engine
+from .precision import Precision
 from .progress import Progress, StopFlag
 from .protocol import Preprocess
 from .records import derived_seeds
-from .step import mix_batch, seed_everything, train_step
+from .step import TrainStep, mix_batch, seed_everything
 from .weights import load_named, named_params
 
 __all__ = ["Trainer", "TrainState", "EpochResult"]
@@ -72,8 +74,13 @@ class Trainer:
         self.cluster = create_cluster(config["kv_store"], len(self.ctx))
         self.is_writer = self.cluster.rank == 0  # rank 0 alone writes checkpoints, metrics and curves
         self.local_batch = self.cluster.local_batch(config["batch_size"], len(self.ctx))
+        if self.local_batch % (len(self.ctx) * config["accumulate"]):
+            raise UserError(f"--batch-size {config['batch_size']} gives {self.local_batch} images per worker, which "
+                            f"do not split into --accumulate {config['accumulate']} micro-batches over "
+                            f"{len(self.ctx)} device(s): use a multiple of {len(self.ctx) * config['accumulate']}")
         self.batches_per_epoch = self._batches_per_epoch()
         seed_everything(config["seed"])
+        self.precision = Precision(config["amp"], config["loss_scale_window"])  # before the network is built
         self.net = build_net(config)
         self.net.initialize(ctx=self.ctx)
         self.net.hybridize(static_alloc=True, static_shape=True)
@@ -90,9 +97,14 @@ class Trainer:
         schedule = build_schedule(config, plan.schedule, self.batches_per_epoch)
         self.trainer = self.cluster.make_trainer(self.net.collect_params(), config["optimizer"],
                                                  optimizer_params(config, schedule))
+        self.precision.attach(self.trainer)
+        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=not self._dense_targets)
+        self.step = TrainStep(self.net, self.trainer, self.loss_fn, self.ctx,
+                              self.cluster.step_size(config["batch_size"]), config["accumulate"],
+                              config["clip_grad_norm"], self.precision)
         self.ema = EMA(self.named, config["ema"], self.ctx[0]) if config["ema"] > 0 else None
         self.epoch, self.best, self.in_progress = 0, {"epoch": None, "val_top1": None}, None
-        self.loss_fn = gluon.loss.SoftmaxCrossEntropyLoss(sparse_label=not self._dense_targets)
+        self.grad_norm = None  # the last update's gradient norm (device array) when clipping
         if plan.resume is not None:
             epoch = None if plan.resume.partial else plan.resume.epoch
             self.restore(TrainState(load_state(self.folder, epoch, plan.resume.manifest), plan.resume.manifest))
@@ -116,14 +128,15 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------- state
 
     def state(self) -> TrainState:
-        """Weights, optimizer state and counters, EMA, completed epochs, best epoch and mid-epoch progress."""
+        """Weights, optimizer state and counters, EMA, the loss scaler (float16), completed epochs, best epoch and
+        mid-epoch progress."""
         ctx = self.ctx[0]
         arrays = {f"param/{n}": p.data(ctx) for n, p in self.named.items()}
         if self.ema is not None:
             arrays.update({f"ema/{n}": a for n, a in self.ema.arrays().items()})
         optim_arrays, optim_info = optimizer_state_arrays(self.trainer, self.names)
         arrays.update(optim_arrays)
-        info = {"epoch": self.epoch, "best": dict(self.best), "optimizer": optim_info}
+        info = {"epoch": self.epoch, "best": dict(self.best), "optimizer": optim_info, "amp": self.precision.state()}
         if self.in_progress is not None:
             info["in_progress"] = dict(self.in_progress)
         return TrainState(arrays, info)
@@ -139,6 +152,8 @@ class Trainer:
         self.epoch = int(info["epoch"])
         self.best = dict(info.get("best") or {"epoch": None, "val_top1": None})
         self.in_progress = info.get("in_progress")
+        if info.get("config", {}).get("amp", self.config["amp"]) == self.config["amp"]:  # a retrain may switch
+            self.precision.restore(info.get("amp"))
 
     def _save(self, epoch: int | None, record: dict | None = None) -> None:
         """Write the state and its manifest (epoch None: the mid-epoch checkpoint); rank 0 only."""
@@ -269,7 +284,11 @@ class Trainer:
                 f"{self.folder.folder} --resume")
 
     def train_epoch(self, epoch: int, stop: StopFlag) -> EpochResult:
-        """One epoch of this worker's part; a mid-epoch ``in_progress`` skips the batches already trained on."""
+        """One epoch of this worker's part; a mid-epoch ``in_progress`` skips the batches already trained on.
+
+        The running figures stay on the devices (:class:`DeviceSums`): the host reads them every --log-interval
+        updates, at a checkpoint and at the end, and checks the loss is finite then.
+        """
         config, cluster = self.config, self.cluster
         frozen = epoch <= config["freeze_features_epochs"]
         finetune.set_features_lr_mult(self.named, 0.0 if frozen else config["features_lr_mult"])
@@ -280,9 +299,10 @@ class Trainer:
         skip = resumed.get("batches_done", 0)
         # A mid-epoch checkpoint holds the figures summed over the workers: rank 0 carries them on.
         acc = Accumulator.from_dict(resumed["acc"]) if resumed and cluster.rank == 0 else Accumulator()
+        sums = DeviceSums(self.ctx, config["num_classes"])
         first_lr = resumed.get("first_lr")
         progress = Progress(epoch, self.batches_per_epoch, config["batch_size"], config["log_interval"], skip)
-        start, done = time.time(), skip
+        start, done, synced = time.time(), skip, skip
         interval, last_save = config["checkpoint_interval"] * 60, time.time()
         for i, batch in enumerate(train_data(config, self.plan.shards.train, self.local_batch, epoch,
                                                         self.cluster.size, self.cluster.rank)):
@@ -292,14 +312,21 @@ class Trainer:
                 if config["mixup"] > 0:
                     mix_rng.beta(config["mixup"], config["mixup"])
                 continue
-            self._train_batch(batch, mix_rng, acc, epoch, i)
+            self._train_batch(batch, mix_rng, sums)
             first_lr = first_lr if first_lr is not None else self.trainer.learning_rate
             done = i + 1
-            progress.update(acc, self.trainer.learning_rate)
+            if done % config["log_interval"] == 0 or done == self.batches_per_epoch:
+                self._sync(sums, acc, epoch, synced, done)
+                synced = done
+                progress.update(self.trainer.learning_rate, acc, self._read_grad_norm())
+            else:
+                progress.update(self.trainer.learning_rate)
             if done == self.batches_per_epoch:
                 continue
             stopping, due = cluster.vote(stop, bool(interval) and time.time() - last_save >= interval)
             if stopping or due:
+                self._sync(sums, acc, epoch, synced, done)
+                synced = done
                 in_progress = {"epoch": epoch, "batches_done": done, "acc": cluster.sum_accumulator(acc).to_dict(),
                                "first_lr": first_lr, "elapsed": resumed.get("elapsed", 0.0) + time.time() - start}
                 if stopping:
@@ -317,35 +344,38 @@ class Trainer:
             "epoch": epoch, "lr": first_lr, "train_loss": acc.loss, "train_top1": acc.top(1), "val_loss": None,
             "val_top1": None, "val_top5": None, "samples_per_sec": acc.count / max(elapsed, 1e-9), "time_s": elapsed})
 
-    def _train_batch(self, batch, mix_rng: np.random.RandomState, acc: Accumulator, epoch: int, index: int) -> None:
+    def _train_batch(self, batch, mix_rng: np.random.RandomState, sums: DeviceSums) -> None:
+        """One update (labels were checked at start, from the record headers); nothing is read back here."""
         config = self.config
-        x, labels = batch.data[0], batch.label[0].asnumpy()
-        data.check_labels(labels, config["num_classes"])
-        y = labels.astype(np.int64)
-        target = mx.nd.array(y)
+        x, labels = batch.data[0], batch.label[0]
+        target = labels
         if self._dense_targets:
-            x, target = mix_batch(x, y, config["num_classes"], config["mixup"], config["label_smoothing"], mix_rng)
-        if config["dtype"] != "float32":
-            x = x.astype(config["dtype"])
-        outputs, losses = train_step(self.net, self.trainer, self.loss_fn, x, target, self.ctx,
-                                     self.cluster.step_size(config["batch_size"]))
+            x, target = mix_batch(x, labels, config["num_classes"], config["mixup"], config["label_smoothing"],
+                                  mix_rng)
+        out = self.step(x, target, labels)
+        self.grad_norm = out.grad_norm
         if self.ema is not None:
             self.ema.update()
-        logits = np.concatenate([o.astype("float32").asnumpy() for o in outputs])
-        loss_values = np.concatenate([loss.asnumpy() for loss in losses])
-        if not np.all(np.isfinite(loss_values)):
-            latest = self.folder.latest()
-            where = (f"the last good checkpoint is epoch {latest} in {self.folder.folder} (resume with --resume "
-                     f"{latest} and a lower --lr, or --retrain)" if latest else "no checkpoint was written yet")
-            raise RunFailed(f"loss is not finite at epoch {epoch}, batch {index + 1}: {where}")
-        acc.update(logits, y, loss_values)
+        sums.add(out.outputs, out.losses, out.labels)
+
+    def _sync(self, sums: DeviceSums, acc: Accumulator, epoch: int, first: int, last: int) -> None:
+        """Read the running figures back (a host wait) and stop on a non-finite loss."""
+        sums.drain(acc)
+        if DeviceSums.finite(acc):
+            return
+        latest = self.folder.latest()
+        where = (f"the last good checkpoint is epoch {latest} in {self.folder.folder} (resume with --resume "
+                 f"{latest} and a lower --lr, or --retrain)" if latest else "no checkpoint was written yet")
+        raise RunFailed(f"loss is not finite at epoch {epoch}, batches {first + 1}..{last}: {where}")
+
+    def _read_grad_norm(self) -> float | None:
+        return None if self.grad_norm is None else float(self.grad_norm.asnumpy()[0])
 
     def validate(self) -> dict:
         """Each worker scores its part of the validation shards; the counts are summed over the workers."""
         config = self.config
         batches = val_data(config, self.plan.shards.val, self.local_batch, self.cluster.size, self.cluster.rank)
-        acc = self.cluster.sum_accumulator(evaluate(self.net, batches, self.ctx, config["num_classes"],
-                                                    config["dtype"]))
+        acc = self.cluster.sum_accumulator(evaluate(self.net, batches, self.ctx, config["num_classes"]))
         return {"val_loss": acc.loss, "val_top1": acc.top(1), "val_top5": acc.top(5)}
 
 

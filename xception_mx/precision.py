@@ -1,0 +1,93 @@
+"""Mixed precision through MXNet's own ``mx.contrib.amp``: ``--amp bfloat16`` (oneDNN, CPUs) and ``--amp float16``
+(GPUs, dynamic loss scaling).
+
+``amp.init`` rewrites MXNet's operator functions before the network is built, so the hybridized graph casts its
+convolutions and dense layers to the low precision while BatchNorm, the softmax/loss and the optimizer stay float32.
+The parameters remain float32 (they are the master weights the optimizer updates, what checkpoints and EMA hold);
+exports are float32 graphs (``HybridBlock.export`` saves the symbol with ``remove_amp_cast=True``). MXNet's loss
+scaler lives on the gluon Trainer; :class:`Precision` saves and restores its state with the run.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import mxnet as mx
+
+__all__ = ["Precision", "AMP_CAST_OPS"]
+
+log = logging.getLogger("xception_mx.train")
+
+#: The operators AMP inserts; an export without them is the float32 network.
+AMP_CAST_OPS = ("amp_cast", "amp_multicast")
+
+_initialised: str | None = None
+
+
+def _init_amp(mode: str) -> None:
+    """``amp.init`` once per process (it patches MXNet's operator namespaces and cannot be undone)."""
+    global _initialised
+    if _initialised == mode:
+        return
+    if _initialised is not None:
+        raise RuntimeError(f"AMP was initialised for {_initialised} in this process; {mode} needs a new process")
+    from mxnet.contrib import amp
+
+    amp.init(target_dtype=mode)
+    _initialised = mode
+
+
+class Precision:
+    """A run's precision: ``off``, ``bfloat16`` or ``float16``. Create it before the network is built."""
+
+    def __init__(self, mode: str, loss_scale_window: int = 2000):
+        self.mode, self.loss_scale_window = mode, loss_scale_window
+        self.trainer = None
+        if mode != "off":
+            _init_amp(mode)
+
+    @property
+    def scales_loss(self) -> bool:
+        """float16 alone: bfloat16 has float32's exponent range, so its gradients do not underflow."""
+        return self.mode == "float16"
+
+    def attach(self, trainer: mx.gluon.Trainer) -> None:
+        """Give the trainer MXNet's dynamic loss scaler (float16): the loss is multiplied by the scale, the update
+        divides it out, and a step whose gradients overflow is skipped and halves the scale."""
+        if not self.scales_loss:
+            return
+        from mxnet.contrib import amp
+
+        amp.init_trainer(trainer)
+        trainer._amp_loss_scaler._scale_seq_len = self.loss_scale_window
+        self.trainer = trainer
+
+    @property
+    def scaler(self):
+        return getattr(self.trainer, "_amp_loss_scaler", None)
+
+    @property
+    def loss_scale(self) -> float | None:
+        return None if self.scaler is None else float(self.scaler.loss_scale)
+
+    def scaled(self, losses: list):
+        """A context giving the losses to call backward on (multiplied by the loss scale under float16)."""
+        if self.scaler is None:
+            return nullcontext(losses)
+        from mxnet.contrib import amp
+
+        return amp.scale_loss(losses, self.trainer)
+
+    def state(self) -> dict | None:
+        """The loss scaler's state (scale, the next scale, good steps since the last change), or None."""
+        s = self.scaler
+        if s is None:
+            return None
+        return {"loss_scale": s._loss_scale, "next_loss_scale": s._next_loss_scale, "good_steps": s._unskipped}
+
+    def restore(self, state: dict | None) -> None:
+        s = self.scaler
+        if s is None or not state:
+            return
+        s._loss_scale, s._next_loss_scale = float(state["loss_scale"]), float(state["next_loss_scale"])
+        s._unskipped = int(state["good_steps"])
