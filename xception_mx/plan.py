@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 
+from .board import check_available
 from .config import build_parser, load_yaml, resolve, upgrade_saved
 from .cpuinfo import cpu_flags
 from .errors import UserError
@@ -107,6 +108,8 @@ def plan_run(argv: list[str] | None = None, environ: dict | None = None, check_d
             raise UserError(f"the checkpoint is at epoch {point.epoch} and num_epochs is {config['num_epochs']}: "
                             f"raise --num-epochs to train further")
     _check_devices(config)
+    if config["tensorboard"]:
+        check_available()
     shards = _find_shards(config) if check_data else Shards([], [])
     return RunPlan(config, folder, point, bool(config["retrain"]), schedule, choose_engine(config, environ), shards)
 

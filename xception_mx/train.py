@@ -16,9 +16,11 @@ from dataclasses import dataclass
 
 import mxnet as mx
 import numpy as np
+import yaml
 from mxnet import gluon
 
 from . import data, finetune
+from .board import Board
 from .builders import build_net, build_schedule, optimizer_params, train_data, val_data
 from .checkpoint import disk_errors, export_atomic, load_state, save_checkpoint
 from .config import dump_yaml
@@ -105,6 +107,7 @@ class Trainer:
         self.ema = EMA(self.named, config["ema"], self.ctx[0]) if config["ema"] > 0 else None
         self.epoch, self.best, self.in_progress = 0, {"epoch": None, "val_top1": None}, None
         self.grad_norm = None  # the last update's gradient norm (device array) when clipping
+        self.board = Board(None)
         if plan.resume is not None:
             epoch = None if plan.resume.partial else plan.resume.epoch
             self.restore(TrainState(load_state(self.folder, epoch, plan.resume.manifest), plan.resume.manifest))
@@ -157,6 +160,7 @@ class Trainer:
 
     def _save(self, epoch: int | None, record: dict | None = None) -> None:
         """Write the state and its manifest (epoch None: the mid-epoch checkpoint); rank 0 only."""
+        self.board.flush()  # the event files hold at least what the checkpoint does
         state = self.state()
         manifest = {"format": 1, **state.info, "config": self.config, "schedule": self.plan.schedule,
                     "metrics": record, "mxnet": mx.__version__, "prefix": self.folder.prefix,
@@ -176,6 +180,13 @@ class Trainer:
             except KeyboardInterrupt:  # a second signal: StopFlag gives up waiting for the step
                 raise Interrupted(f"stopped at once by a second signal: the step in progress and its mid-epoch "
                                   f"checkpoint were discarded; {self.folder.resume_hint()}") from None
+            finally:
+                self.board.close()
+
+    @property
+    def updates(self) -> int:
+        """Optimizer updates so far (restored exactly on resume): the TensorBoard step axis."""
+        return int(self.trainer.optimizer.num_update)
 
     def _epochs(self) -> dict | None:
         record = None
@@ -212,6 +223,9 @@ class Trainer:
                 dump_yaml(config, folder.config_yaml)
                 Preprocess.from_config(config).write(folder.model_prefix)
                 truncate_jsonl(folder.metrics, self.epoch)
+            if config["tensorboard"]:
+                self.board = Board(config["tensorboard"], yaml.safe_dump(config, sort_keys=False),
+                                   resumed_at=self.updates if self.plan.resume is not None else None)
         if self.plan.resume is not None:
             where = (f"epoch {self.epoch + 1}, batch {self.in_progress['batches_done']}" if self.in_progress
                      else f"the end of epoch {self.epoch}")
@@ -267,6 +281,7 @@ class Trainer:
         if self.best["val_top1"] is None or record["val_top1"] > self.best["val_top1"]:
             self.best = dict(record)
         if self.is_writer:
+            self.board.scalars(self.updates, {f"epoch/{k}": v for k, v in record.items()})
             self._save(epoch, record)
             self.folder.remove(None)  # a mid-epoch checkpoint is now stale
             self.folder.prune(epoch, self.config["keep_last"], self.best["epoch"])
@@ -318,7 +333,12 @@ class Trainer:
             if done % config["log_interval"] == 0 or done == self.batches_per_epoch:
                 self._sync(sums, acc, epoch, synced, done)
                 synced = done
-                progress.update(self.trainer.learning_rate, acc, self._read_grad_norm())
+                norm = self._read_grad_norm()
+                progress.update(self.trainer.learning_rate, acc, norm)
+                self.board.scalars(self.updates, {
+                    "train/loss": acc.loss, "train/top1": acc.top(1), "train/lr": self.trainer.learning_rate,
+                    "train/img_per_sec": progress.rate, "train/loss_scale": self.precision.loss_scale,
+                    "train/grad_norm": norm})
             else:
                 progress.update(self.trainer.learning_rate)
             if done == self.batches_per_epoch:
