@@ -138,8 +138,9 @@ def test_the_loop_reads_the_host_only_at_the_log_interval(colour_shards, tmp_pat
 
 @pytest.mark.slow
 @needs_bf16
-def test_bfloat16_resume_is_bit_exact_and_checkpoints_stay_float32(colour_shards, tmp_path):
-    extra = ("--amp", "bfloat16", "--ema", "0.8", "--label-smoothing", "0.1")
+def test_bfloat16_resume_with_accumulation_is_bit_exact_and_checkpoints_stay_float32(colour_shards, tmp_path):
+    extra = ("--amp", "bfloat16", "--ema", "0.8", "--label-smoothing", "0.1", "--accumulate", "2",
+             "--clip-grad-norm", "1.0")
     straight = tmp_path / "straight"
     result = _cli(base_args(colour_shards, straight, *extra))
     assert result.returncode == 0, result.stderr[-2000:]

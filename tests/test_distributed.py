@@ -23,7 +23,7 @@ from conftest import ROOT, TINY_FILTERS
 from xception_mx.checkpoint import load_state
 from xception_mx.metrics import read_jsonl
 from xception_mx.runfolder import RunFolder
-from xception_mx.step import train_step
+from xception_mx.step import TrainStep
 
 pytestmark = pytest.mark.distributed
 
@@ -49,12 +49,14 @@ def launch(args, timeout=180, env=None):
 TRAINER_WORKER = textwrap.dedent("""
     # One worker of a data-parallel job on a no-BN net: rank r trains on rows [r*k, (r+1)*k) of one fixed global
     # batch. Each rank initialises with a different seed: only the initial sync from rank 0 makes them agree.
+    # Optional: micro-batches to accumulate per update and a gradient-norm limit.
     import os, sys
     import mxnet as mx, numpy as np
     from mxnet import gluon
     from xception_mx.distributed import create_cluster
-    from xception_mx.step import train_step
+    from xception_mx.step import TrainStep
     kv_store, out, steps, batch = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    accumulate, clip = (int(sys.argv[5]), float(sys.argv[6])) if len(sys.argv) > 5 else (1, 0.0)
     cluster = create_cluster(kv_store, 1)
     rank, size = cluster.rank, cluster.size
     rng = np.random.RandomState(0)
@@ -68,9 +70,11 @@ TRAINER_WORKER = textwrap.dedent("""
     trainer = cluster.make_trainer(net.collect_params(), "nag", {"learning_rate": 0.5, "momentum": 0.9})
     cluster.sync_initial(trainer, net.collect_params())
     k = batch // size
+    step = TrainStep(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), [mx.cpu()], cluster.step_size(batch),
+                     accumulate, clip)
     for _ in range(steps):
-        train_step(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), x[rank * k:(rank + 1) * k],
-                   y[rank * k:(rank + 1) * k], [mx.cpu()], cluster.step_size(batch))
+        part = slice(rank * k, (rank + 1) * k)
+        step(x[part], y[part], y[part])
     assert cluster.allreduce_sum([1.0, rank]).tolist() == [size, sum(range(size))]
     assert cluster.any(rank == size - 1) and not cluster.any(False)
     np.savez(os.path.join(out, f"rank{rank}.npz"), *[p.data().asnumpy() for p in net.collect_params().values()])
@@ -78,8 +82,8 @@ TRAINER_WORKER = textwrap.dedent("""
 """)
 
 
-def _no_bn_reference(steps, batch):
-    """Single-process training on the whole global batch (rank 0's seed)."""
+def _no_bn_reference(steps, batch, clip=0.0):
+    """Single-process training on the whole global batch (rank 0's seed), no accumulation."""
     rng = np.random.RandomState(0)
     x = mx.nd.array(rng.uniform(-1, 1, (batch, 3, 12, 12)))
     y = mx.nd.array(np.arange(batch) % 3)
@@ -91,13 +95,16 @@ def _no_bn_reference(steps, batch):
     initial = [p.data().asnumpy().copy() for p in net.collect_params().values()]
     trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.5, "momentum": 0.9},
                             update_on_kvstore=False)
+    step = TrainStep(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), [mx.cpu()], batch, clip_grad_norm=clip)
     for _ in range(steps):
-        train_step(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), x, y, [mx.cpu()], batch)
+        step(x, y, y)
     return initial, [p.data().asnumpy() for p in net.collect_params().values()]
 
 
-def _check_ranks_match_reference(out, workers):
-    initial, reference = _no_bn_reference(STEPS, GLOBAL_BATCH)
+def _check_ranks_match_reference(out, workers, clip=0.0):
+    initial, reference = _no_bn_reference(STEPS, GLOBAL_BATCH, clip)
+    if clip:  # the limit binds: clipped training differs from unclipped
+        assert not np.allclose(reference[0], _no_bn_reference(STEPS, GLOBAL_BATCH)[1][0], rtol=1e-3)
     ranks = []
     for r in range(workers):
         with np.load(out / f"rank{r}.npz") as f:
@@ -110,30 +117,32 @@ def _check_ranks_match_reference(out, workers):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kv_store", ["dist_sync", "dist_device_sync"])
-def test_ps_workers_match_single_process_on_the_union_batch(kv_store, tmp_path):
+@pytest.mark.parametrize("kv_store, extra", [("dist_sync", ()), ("dist_device_sync", ()), ("dist_sync", (2, 0.05))],
+                         ids=["dist_sync", "dist_device_sync", "dist_sync-accumulate-clip"])
+def test_ps_workers_match_single_process_on_the_union_batch(kv_store, extra, tmp_path):
     """2 workers + 1 server == one process on the union batch. Also the regression test of the initial-weights
     workaround (xception_mx.distributed.PSCluster.sync_initial): the ranks start from different random weights,
     and Gluon's lazy kvstore initialisation would compute their first gradients on them (dmlc/gluon-nlp#1334)."""
     script = tmp_path / "worker.py"
     script.write_text(TRAINER_WORKER)
     result = launch(["-n", "2", "-s", "1", "--", str(script), kv_store, str(tmp_path), str(STEPS),
-                     str(GLOBAL_BATCH)])
+                     str(GLOBAL_BATCH), *map(str, extra)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done") == 2
-    _check_ranks_match_reference(tmp_path, 2)
+    _check_ranks_match_reference(tmp_path, 2, extra[1] if extra else 0.0)
 
 
-def test_horovod_ranks_match_single_process_on_the_union_batch(tmp_path):
+@pytest.mark.parametrize("extra", [(), (2, 0.05)], ids=["plain", "accumulate-clip"])
+def test_horovod_ranks_match_single_process_on_the_union_batch(extra, tmp_path):
     import horovod.mxnet  # noqa: F401  (installed by the test command: an ImportError is a failure, not a skip)
 
     script = tmp_path / "worker.py"
     script.write_text(TRAINER_WORKER)
     result = launch(["--horovod", "-n", "2", "--", str(script), "horovod", str(tmp_path), str(STEPS),
-                     str(GLOBAL_BATCH)])
+                     str(GLOBAL_BATCH), *map(str, extra)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("done") == 2
-    _check_ranks_match_reference(tmp_path, 2)
+    _check_ranks_match_reference(tmp_path, 2, extra[1] if extra else 0.0)
 
 
 # ------------------------------------------------------------------------------------- the CLI, end to end
