@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import mxnet as mx
 from mxnet.gluon import nn
 
-from .model import FEATURES_NAME, stable_name
+from .model import FEATURES_NAME, relu, stable_name
 
 __all__ = ["BlockSpec", "ALIGNED_CONFIGS", "block_table", "XceptionAligned"]
 
@@ -67,7 +67,7 @@ class _ConvBN(nn.HybridBlock):
 
     def hybrid_forward(self, F, x):
         x = self.bn(self.conv(x))
-        return F.relu(x) if self.relu else x
+        return relu(F, x) if self.relu else x
 
 
 class _SeparableConvBN(nn.HybridBlock):
@@ -87,9 +87,9 @@ class _SeparableConvBN(nn.HybridBlock):
     def hybrid_forward(self, F, x):
         x = self.bn_dw(self.conv_dw(x))
         if self.relu_inside:
-            x = F.relu(x)
+            x = relu(F, x)
         x = self.bn_pw(self.conv_pw(x))
-        return F.relu(x) if self.relu_inside else x
+        return relu(F, x) if self.relu_inside else x
 
 
 class _Stack(nn.HybridBlock):
@@ -107,7 +107,7 @@ class _Stack(nn.HybridBlock):
 
     def hybrid_forward(self, F, x):
         for conv in (self.conv1, self.conv2, self.conv3):
-            x = conv(F.relu(x) if self.relu_first else x)
+            x = conv(relu(F, x) if self.relu_first else x)
         return x
 
 

@@ -30,8 +30,12 @@ def train_main(argv: list[str] | None = None) -> int:
     if code:
         return code
     run_plan = plans[0]
-    if "mxnet" not in sys.modules:  # MXNet reads the variable once, when it loads
+    if "mxnet" not in sys.modules:  # MXNet (and its oneDNN) read these once, when they load
         os.environ.setdefault("MXNET_ENGINE_TYPE", run_plan.engine)
+        if run_plan.config["amp"] == "bfloat16":
+            from .cpuinfo import enable_amx
+
+            run_plan.notes.append(f"bfloat16: {enable_amx(os.environ)}")
 
     def train() -> None:
         from .train import Trainer

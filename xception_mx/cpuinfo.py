@@ -2,9 +2,11 @@
 every benchmark table records."""
 from __future__ import annotations
 
+import ctypes
 import os
+import platform
 
-__all__ = ["cpu_flags", "cpu_model", "cpu_line", "BENCH_FLAGS"]
+__all__ = ["cpu_flags", "cpu_model", "cpu_line", "enable_amx", "BENCH_FLAGS"]
 
 #: The SIMD flags that decide which oneDNN kernels run: what a benchmark table names.
 BENCH_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")
@@ -34,3 +36,27 @@ def cpu_line(path: str = "/proc/cpuinfo") -> str:
     """'<model>, <N> cores, flags: ...' for benchmark tables."""
     flags = cpu_flags(path)
     return f"{cpu_model(path)}, {os.cpu_count()} cores, flags: {' '.join(f for f in BENCH_FLAGS if f in flags)}"
+
+
+#: Linux x86_64: arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) asks the kernel (5.16+) for AMX tile state.
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+def enable_amx(environ: dict) -> str:
+    """Let oneDNN use AMX for bfloat16 in this process; call before MXNet loads. Returns what was done, for the log.
+
+    Workaround: MXNet 1.9.1's oneDNN 2.4 neither asks Linux for AMX's tile state (a process must, since Linux 5.16)
+    nor uses AMX unless ``DNNL_MAX_CPU_ISA=AVX512_CORE_AMX``; setting the variable without the permission kills the
+    process with SIGILL, so it is set only when the request succeeded. A value the user set is kept.
+    """
+    if "amx_bf16" not in cpu_flags():
+        return "no AMX on this CPU (amx_bf16): oneDNN's AVX-512 bfloat16 kernels"
+    if "DNNL_MAX_CPU_ISA" in environ:
+        return f"DNNL_MAX_CPU_ISA={environ['DNNL_MAX_CPU_ISA']} as set"
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return "AMX not requested (Linux x86_64 only)"
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+        return f"the kernel refused AMX tile state (errno {ctypes.get_errno()}): AVX-512 bfloat16 kernels"
+    environ["DNNL_MAX_CPU_ISA"] = "AVX512_CORE_AMX"
+    return "AMX on (arch_prctl tile permission, DNNL_MAX_CPU_ISA=AVX512_CORE_AMX)"

@@ -39,6 +39,12 @@ _CONV_INIT = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
 _DENSE_INIT = mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
 
 
+def relu(F, x):
+    """ReLU as ``Activation``: oneDNN has a bfloat16 kernel for it, not for ``F.relu`` (under ``--amp bfloat16``
+    ``F.relu`` ran 2.5x slower forward and 3.9x backward than in float32, measured with mx.profiler)."""
+    return F.Activation(x, act_type="relu")
+
+
 def _check_filter_list(filter_list: Sequence[int]) -> tuple[int, ...]:
     values = tuple(filter_list)
     if len(values) != 7 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
@@ -192,12 +198,12 @@ class XceptionFeatures(nn.HybridBlock):
             self.flatten = nn.Flatten()
 
     def hybrid_forward(self, F, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
+        x = relu(F, self.bn1(self.conv1(x)))
+        x = relu(F, self.bn2(self.conv2(x)))
         for i in range(1, 13):
             x = getattr(self, f"block{i}")(x)
-        x = F.relu(self.bn3(self.conv3(x)))
-        x = F.relu(self.bn4(self.conv4(x)))
+        x = relu(F, self.bn3(self.conv3(x)))
+        x = relu(F, self.bn4(self.conv4(x)))
         return self.flatten(self.pool(x))
 
 

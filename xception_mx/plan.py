@@ -62,6 +62,7 @@ class RunPlan:
     schedule: dict  # the schedule's origin: start_epoch, lr, warmup_epochs
     engine: str  # MXNET_ENGINE_TYPE for this run
     shards: Shards = field(repr=False)
+    notes: list = field(default_factory=list, repr=False)  # what the CLI set up before MXNet loaded, for the log
 
     @property
     def start_epoch(self) -> int:

@@ -237,6 +237,8 @@ class Trainer:
                  config["model"], self.net.describe(), ",".join(map(str, self.ctx)),
                  config["batch_size"], self.local_batch // len(self.ctx), self.batches_per_epoch, self.epoch + 1,
                  config["num_epochs"])
+        for note in self.plan.notes:
+            log.info("%s", note)
         if self.cluster.distributed:
             log.info("%s: worker %d of %d, %d images per step on this worker", self.cluster.engine,
                      self.cluster.rank, self.cluster.size, self.local_batch)
