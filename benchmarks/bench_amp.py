@@ -20,27 +20,13 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF_PYTHON = os.environ.get("XCEPTION_MX_REF_PYTHON", os.path.join(ROOT, ".venv-ref", "bin", "python"))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_vs_timm import REF_PYTHON, ROOT, _median_rate  # noqa: E402
+
 from xception_mx.cpuinfo import cpu_line  # noqa: E402  (stdlib only: the reference venv's workers import it too)
 
 VARIANTS = [("ours", "fp32"), ("timm", "fp32"), ("ours", "bf16"), ("timm", "bf16")]
-
-
-def _median_rate(step, batch: int, warmup: int, repeats: int, sync) -> float:
-    for _ in range(warmup):
-        step()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return batch / statistics.median(times)
 
 
 def worker_ours(precision: str, size: int, batch: int, warmup: int, repeats: int) -> dict:

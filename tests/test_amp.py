@@ -5,7 +5,6 @@ avx512_bf16 (exact resume, float32 checkpoints and exports, the demo's accuracy)
 """
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -14,9 +13,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, needs_cpu_flag
-from test_train import _cli, base_args, state_params
+from test_train import _cli, assert_same_states, base_args, straight_and_resumed
 from xception_mx.metrics import read_jsonl
-from xception_mx.runfolder import RunFolder
 
 needs_bf16 = needs_cpu_flag("avx512_bf16", "--amp bfloat16 is refused on it (oneDNN would emulate bfloat16)")
 
@@ -141,19 +139,9 @@ def test_the_loop_reads_the_host_only_at_the_log_interval(colour_shards, tmp_pat
 def test_bfloat16_resume_with_accumulation_is_bit_exact_and_checkpoints_stay_float32(colour_shards, tmp_path):
     extra = ("--amp", "bfloat16", "--ema", "0.8", "--label-smoothing", "0.1", "--accumulate", "2",
              "--clip-grad-norm", "1.0")
-    straight = tmp_path / "straight"
-    result = _cli(base_args(colour_shards, straight, *extra))
-    assert result.returncode == 0, result.stderr[-2000:]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    RunFolder(str(resumed), "xception_slim").remove(2)
-    result = _cli(base_args(colour_shards, resumed, *extra, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    a, b = state_params(straight, 2), state_params(resumed, 2)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        assert a[key].dtype == np.float32, key  # master weights, optimizer state and EMA: float32
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    straight, resumed = straight_and_resumed(colour_shards, tmp_path, *extra)
+    a = assert_same_states(straight, resumed, 2)
+    assert {v.dtype for v in a.values()} == {np.dtype(np.float32)}  # master weights, optimizer state, EMA
     # The export is the float32 network (no AMP casts) and an fp32 run can --retrain from the AMP checkpoint.
     symbol = json.loads((straight / "xception_slim-symbol.json").read_text())
     assert not {n["op"] for n in symbol["nodes"]} & {"amp_cast", "amp_multicast"}

@@ -40,6 +40,28 @@ def state_params(out, epoch, prefix="xception_slim"):
     return {k: v.asnumpy() for k, v in load_state(RunFolder(str(out), prefix), epoch).items()}
 
 
+def assert_same_states(a_dir, b_dir, epoch, prefix="xception_slim") -> dict:
+    """Two runs' checkpoints of ``epoch`` hold the same arrays, bit for bit; returns the first's."""
+    a, b = state_params(a_dir, epoch, prefix), state_params(b_dir, epoch, prefix)
+    assert sorted(a) == sorted(b)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    return a
+
+
+def straight_and_resumed(shards, tmp_path, *extra):
+    """A 2-epoch run, and a copy "crashed" after epoch 1 (epoch 2's checkpoint removed) resumed in a new process."""
+    straight = tmp_path / "straight"
+    result = _cli(base_args(shards, straight, *extra))
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    RunFolder(str(resumed), "xception_slim").remove(2)
+    result = _cli(base_args(shards, resumed, *extra, "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return straight, resumed
+
+
 def strip_times(records):
     return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
 
@@ -93,19 +115,9 @@ def test_resume_is_bit_exact(colour_shards, tmp_path):
     """2 epochs straight == 1 epoch, --resume, 1 epoch: bit for bit (regression test of the apache/mxnet#13829
     workaround: without MXNet's serial engine the two runs differ in the last bits)."""
     extra = ("--ema", "0.8", "--label-smoothing", "0.1")
-    straight = tmp_path / "straight"
-    assert _cli(base_args(colour_shards, straight, *extra)).returncode == 0
-    # "Crash" after epoch 1: a copy of the run that has only epoch 1's checkpoint, then --resume in a new process.
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    RunFolder(str(resumed), "xception_slim").remove(2)
-    result = _cli(base_args(colour_shards, resumed, *extra, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    a, b = state_params(straight, 2), state_params(resumed, 2)
-    assert sorted(a) == sorted(b)
+    straight, resumed = straight_and_resumed(colour_shards, tmp_path, *extra)
+    a = assert_same_states(straight, resumed, 2)
     assert any(k.startswith("optim/") for k in a) and any(k.startswith("ema/") for k in a)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
     lines_a = strip_times(read_jsonl(str(straight / "metrics.jsonl")))
     lines_b = strip_times(read_jsonl(str(resumed / "metrics.jsonl")))
     assert lines_a == lines_b and len(lines_a) == 2

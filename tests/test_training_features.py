@@ -14,7 +14,7 @@ import pytest
 from mxnet import gluon
 
 from conftest import ROOT
-from test_train import _cli, _no_bn_net, base_args, state_params
+from test_train import _cli, _no_bn_net, assert_same_states, base_args
 from xception_mx.errors import UserError
 from xception_mx.plan import plan_run
 from xception_mx.runfolder import RunFolder
@@ -111,10 +111,7 @@ def test_resume_in_the_middle_of_an_accumulating_run_is_bit_exact(colour_shards,
     resumed = _cli(["--output-dir", str(stopped), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "grad-norm" in (stopped / "train.log").read_text()
-    a, b = state_params(straight, 2), state_params(stopped, 2)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert_same_states(straight, stopped, 2)
 
 
 def read_events(folder):
