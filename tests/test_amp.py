@@ -171,3 +171,60 @@ def test_the_demo_trained_in_bfloat16_reaches_97_percent(tmp_path):
                              "--json", str(report)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert json.loads(report.read_text())["top1"] >= 0.97
+
+
+def test_bfloat16_keeps_depthwise_convolutions_float32_and_relu_is_activation():
+    """Regression tests of two workarounds (xception_mx.precision, xception_mx.model.relu): under bfloat16 AMP the
+    depthwise convolutions run float32 and the pointwise ones bfloat16 (type inference only, any CPU); every ReLU is
+    an ``Activation`` (oneDNN's bfloat16 kernel), in both families."""
+    result = python("""
+        import json
+        import mxnet as mx, numpy as np
+        from xception_mx.precision import Precision
+        Precision("bfloat16")
+        from xception_mx import get_model
+        found = {}
+        for name, kwargs in (("xception_slim", {"filter_list": (8, 8, 16, 16, 24, 24, 32)}), ("xception41", {})):
+            net = get_model(name, num_classes=4, **kwargs)
+            net.initialize()
+            internals = net(mx.sym.var("data")).get_internals()
+            _, types, _ = internals.infer_type(data="float32")
+            graph = json.loads(internals.tojson())
+            conv_nodes = {n["name"] + "_output": n for n in graph["nodes"] if n["op"] == "Convolution"}
+            grouped = {name for name, n in conv_nodes.items() if int(n.get("attrs", {}).get("num_group", "1")) > 1}
+            convs = {node: "float32" if np.dtype(dtype) == np.float32 else "bfloat16"
+                     for node, dtype in zip(internals.list_outputs(), types) if node in conv_nodes}
+            found[name] = {"depthwise": sorted({t for n, t in convs.items() if n in grouped}),
+                           "pointwise": sorted({t for n, t in convs.items() if n not in grouped}),
+                           "count": len(grouped), "ops": sorted({n["op"] for n in graph["nodes"]})}
+        print(json.dumps(found))
+    """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name, found in json.loads(result.stdout.strip().splitlines()[-1]).items():
+        assert found["count"] > 0 and found["depthwise"] == ["float32"], name
+        assert found["pointwise"] == ["bfloat16"], name
+        assert "relu" not in found["ops"] and "Activation" in found["ops"], name
+
+
+@needs_cpu_flag("amx_bf16", "AMX is only requested where the CPU has it")
+def test_amx_is_requested_and_used_by_onednn_for_bfloat16():
+    """Regression test of the AMX workaround (xception_mx.cpuinfo.enable_amx): after it, oneDNN runs a bfloat16
+    convolution on an AMX kernel (DNNL_VERBOSE); a DNNL_MAX_CPU_ISA the user set is kept."""
+    script = """
+        import os, sys
+        from xception_mx.cpuinfo import enable_amx
+        print(enable_amx(os.environ), flush=True)
+        os.environ["DNNL_VERBOSE"] = "1"
+        import mxnet as mx
+        from mxnet.contrib.amp.amp import bfloat16
+        x = mx.nd.amp_cast(mx.nd.ones((16, 64, 14, 14)), dtype=bfloat16)
+        w = mx.nd.amp_cast(mx.nd.ones((64, 64, 1, 1)), dtype=bfloat16)
+        mx.nd.Convolution(x, w, kernel=(1, 1), num_filter=64, no_bias=True).wait_to_read()
+    """
+    result = python(script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("AMX on") and "amx" in result.stdout.split("exec,cpu,convolution", 1)[1]
+    env = {**os.environ, "DNNL_MAX_CPU_ISA": "AVX512_CORE_BF16"}
+    kept = subprocess.run([sys.executable, "-c", "import os; from xception_mx.cpuinfo import enable_amx; "
+                           "print(enable_amx(os.environ))"], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert kept.stdout.strip() == "DNNL_MAX_CPU_ISA=AVX512_CORE_BF16 as set"
