@@ -1,4 +1,5 @@
 """Gradient accumulation, gradient clipping and TensorBoard event files."""
+import dataclasses
 import glob
 import os
 import shutil
@@ -74,10 +75,22 @@ def test_clipping_scales_a_known_norm_to_exactly_the_limit_and_leaves_smaller_on
 
 
 def test_accumulation_must_split_the_batch(colour_shards, tmp_path):
-    with pytest.raises(UserError, match="do not split into --accumulate 3 micro-batches"):
+    with pytest.raises(UserError, match="does not split into --accumulate 3 micro-batches over 1 device"):
+        plan_run(base_args(colour_shards, tmp_path / "run", "--accumulate", "3"))  # before MXNet loads
+    with pytest.raises(UserError, match="do not split into --accumulate 3 micro-batches"):  # a worker's share
         from xception_mx.train import Trainer
 
-        Trainer(plan_run(base_args(colour_shards, tmp_path / "run", "--accumulate", "3")))
+        plan = plan_run(base_args(colour_shards, tmp_path / "run"))  # the trainer checks it again per worker
+        Trainer(dataclasses.replace(plan, config={**plan.config, "accumulate": 3}))
+
+
+def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path):
+    from xception_mx.board import Board
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=r"--tensorboard .*file/tb: cannot write event files there"):
+        Board(str(blocker / "tb"))
 
 
 def test_tensorboard_without_the_extra_is_one_line(tmp_path, monkeypatch):

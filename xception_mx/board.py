@@ -32,7 +32,11 @@ class Board:
         from tensorboardX import SummaryWriter
 
         purge = None if resumed_at is None else resumed_at + 1
-        self.writer = SummaryWriter(logdir=folder, purge_step=purge, flush_secs=60)
+        try:
+            self.writer = SummaryWriter(logdir=folder, purge_step=purge, flush_secs=60)
+        except OSError as exc:
+            raise UserError(f"--tensorboard {folder}: cannot write event files there ({exc.strerror or exc}); "
+                            f"give a writable folder") from None
         if config_text:
             self.writer.add_text("config", f"```\n{config_text}\n```", global_step=resumed_at or 0)
 

@@ -166,6 +166,10 @@ def _check_devices(config: dict) -> None:
     if config["batch_size"] % devices and config["kv_store"] in ("device", "local"):
         raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {devices} devices: "
                         f"use a multiple of {devices}")
+    parts = devices * config["accumulate"]
+    if config["batch_size"] % parts and config["kv_store"] in ("device", "local"):
+        raise UserError(f"--batch-size {config['batch_size']} does not split into --accumulate "
+                        f"{config['accumulate']} micro-batches over {devices} device(s): use a multiple of {parts}")
     _check_precision(config)
 
 
