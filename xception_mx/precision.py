@@ -9,17 +9,11 @@ scaler lives on the gluon Trainer; :class:`Precision` saves and restores its sta
 """
 from __future__ import annotations
 
-import logging
 from contextlib import nullcontext
 
 import mxnet as mx
 
-__all__ = ["Precision", "AMP_CAST_OPS"]
-
-log = logging.getLogger("xception_mx.train")
-
-#: The operators AMP inserts; an export without them is the float32 network.
-AMP_CAST_OPS = ("amp_cast", "amp_multicast")
+__all__ = ["Precision"]
 
 _initialised: str | None = None
 
