@@ -1,6 +1,7 @@
 """Checkpoint files that need MXNet: the export that ``score.py`` loads and the state arrays of an exact resume.
 
-A checkpoint is written export, state arrays, manifest (last; see ``runfolder`` for the layout), each atomically.
+``RunWriter`` writes a checkpoint in this order: export, state arrays, manifest (last; see ``runfolder`` for the
+layout), each atomically.
 The state is an ``mx.nd.save`` file (no pickle): raw weights (``param/``), optimizer states (``optim/``, see
 ``optim_state``) and EMA weights (``ema/``), all by structured name. The manifest records the state file's name,
 size and CRC-32, so a manifest is never paired with another checkpoint's arrays and corruption is named on load.
@@ -21,10 +22,11 @@ from mxnet import gluon
 
 from .errors import RunFailed, UserError
 from .fileio import atomic_path, atomic_replace, file_crc32
+from .manifest import Manifest, StateFile
 from .runfolder import RunFolder
 from .weights import read_arrays
 
-__all__ = ["export_atomic", "save_checkpoint", "load_state", "disk_errors"]
+__all__ = ["export_atomic", "save_state", "load_state", "disk_errors"]
 
 
 @contextlib.contextmanager
@@ -48,7 +50,7 @@ def disk_errors(folder: str, what: str):
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
 
 
-def _size(n: int) -> str:
+def _size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -68,32 +70,30 @@ def export_atomic(net: gluon.HybridBlock, model_prefix: str, epoch: int) -> None
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def save_checkpoint(folder: RunFolder, epoch: int | None, arrays: dict, manifest: dict,
-                    export_net: gluon.HybridBlock | None = None) -> None:
-    """Write the export (unless ``export_net`` is None), the state arrays and, last, the manifest naming them.
+def save_state(folder: RunFolder, epoch: int | None, arrays: dict, manifest: Manifest) -> None:
+    """Write the state arrays, then the manifest naming them (its ``files`` filled in here).
 
     ``epoch=None`` writes the mid-epoch checkpoint: a new state file, its manifest, then the old state files go.
     """
-    what = f"the checkpoint of epoch {epoch}" if epoch is not None else "the mid-epoch checkpoint"
-    with disk_errors(folder.folder, what):
-        if export_net is not None:
-            export_atomic(export_net, folder.model_prefix, epoch)
-        token = f"{time.time_ns():x}" if epoch is None else None
-        state = folder.files(epoch, token).state
-        with atomic_path(state) as tmp:
-            mx.nd.save(tmp, {k: v.as_in_context(mx.cpu()) for k, v in arrays.items()})
-        files = {"state_size": os.path.getsize(state), "state_crc32": file_crc32(state)}
-        folder.write_manifest(epoch, {**manifest, "files": {**files, **({"token": token} if token else {})}})
-        if epoch is None:
-            folder.drop_partial_states(keep=state)
+    token = f"{time.time_ns():x}" if epoch is None else None
+    state = folder.files(epoch, token).state
+    with atomic_path(state) as tmp:
+        mx.nd.save(tmp, {k: v.as_in_context(mx.cpu()) for k, v in arrays.items()})
+    manifest.files = StateFile(os.path.getsize(state), file_crc32(state), token)
+    folder.write_manifest(epoch, manifest)
+    if epoch is None:
+        folder.drop_partial_states(keep=state)
 
 
-def load_state(folder: RunFolder, epoch: int | None, manifest: dict | None = None) -> dict[str, mx.nd.NDArray]:
-    """The state arrays of epoch ``epoch`` (None: the mid-epoch checkpoint), checked against the manifest's CRC."""
-    manifest = manifest if manifest is not None else (folder.partial_manifest() if epoch is None
-                                                      else folder.manifest(epoch))
-    path = folder.state_file(epoch, manifest or {})
-    expected = ((manifest or {}).get("files") or {}).get("state_crc32")
+def load_state(folder: RunFolder, epoch: int | None, manifest: Manifest | None = None) -> dict[str, mx.nd.NDArray]:
+    """The state arrays of epoch ``epoch`` (None: the mid-epoch checkpoint), checked against the manifest's CRC
+    (read from the folder when not given)."""
+    if manifest is None:
+        manifest = folder.partial_manifest() if epoch is None else folder.manifest(epoch)
+        if manifest is None:
+            raise UserError(f"no mid-epoch checkpoint in {folder.folder} (prefix {folder.prefix!r})")
+    path = folder.state_file(epoch, manifest)
+    expected = manifest.files.crc32
     if expected is not None and os.path.isfile(path) and file_crc32(path) != expected:
         raise UserError(f"{path} is corrupt (its CRC-32 differs from the one its manifest recorded): resume from "
                         f"another epoch with --resume N")

@@ -1,16 +1,18 @@
-"""Training configuration: one schema, filled from defaults, then a YAML file, then command-line flags.
+"""Training configuration: one typed, frozen :class:`RunConfig`, filled from defaults, a YAML file, then flags.
 
-Every key is declared once in :data:`SCHEMA` (type, default, help, check); the CLI's flags are generated from it, so a
-YAML key and its flag always agree (``batch_size`` <-> ``--batch-size``). Unknown keys, wrong types and impossible
-values raise :class:`UserError` with one line naming the key and what to do.
+Every key is declared once, as a field of :class:`RunConfig` (type, default, help, check); :data:`SCHEMA` and the
+CLI's flags are generated from those fields, so a YAML key and its flag always agree (``batch_size`` <->
+``--batch-size``) and the code reads ``config.batch_size`` (a typo is a type-checker error, not a KeyError).
+Unknown keys, wrong types and impossible values raise :class:`UserError` with one line naming the key and what to do.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
@@ -18,14 +20,14 @@ import yaml
 from .console import OneLineParser
 from .errors import UserError
 
-__all__ = ["Option", "SCHEMA", "defaults", "load_yaml", "resolve", "build_parser", "dump_yaml",
+__all__ = ["RunConfig", "Option", "SCHEMA", "load_yaml", "resolve", "build_parser", "dump_yaml",
            "parse_device_list", "wants_serial_engine", "upgrade_saved", "DISTRIBUTED_KV_STORES"]
 
 
 @dataclass(frozen=True)
 class Option:
     name: str
-    kind: str  # int, float, str, bool, ints, floats, optional_int
+    kind: str  # int, float, str, bool, ints, floats (tuples), optional_int
     default: Any
     help: str
     choices: Sequence[str] | None = None
@@ -60,114 +62,143 @@ def _non_negative_ints(v):
     return None if all(x >= 0 for x in v) else "device ids must be >= 0"
 
 
-SCHEMA: list[Option] = [
+def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
+           check: Callable[[Any], str | None] | None = None, kind: str | None = None) -> Any:
+    """A :class:`RunConfig` field: its default, the flag's help, allowed values, a check (``kind`` overrides the kind
+    read from the field's type: ``optional_int`` is ``--resume [N]``)."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "kind": kind})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A run's resolved configuration (every key, checked). Built by :func:`resolve`, never changed afterwards:
+    :meth:`replace` gives a changed copy. Lists are tuples; :meth:`to_dict` is the form saved in YAML and manifests."""
     # Data
-    Option("data_dir", "str", None, "folder with train*.rec and val*.rec shards and their .idx (im2rec_tools layout)"),
-    Option("train_rec", "str", None, "training shards: a prefix, a glob or a ';'-separated list (overrides data_dir)"),
-    Option("val_rec", "str", None, "validation shards: a prefix, a glob or a ';'-separated list (overrides data_dir)"),
-    Option("num_classes", "int", 1000, "number of classes", check=_positive),
-    Option("input_size", "int", 299, "training and validation crop size in pixels (>= 71)",
-           check=lambda v: None if v >= 71 else "must be >= 71 (Xception's smallest input)"),
-    Option("crop_pct", "float", 0.8975, "validation: resize shorter side to input_size / crop_pct, centre crop",
-           check=_unit_interval),
-    Option("interpolation", "str", "bilinear", "validation resize (and the export's protocol): bilinear or bicubic",
-           choices=["bilinear", "bicubic"]),
-    Option("mean", "floats", [127.5, 127.5, 127.5], "per-channel mean (RGB, 0-255 scale)", check=_three),
-    Option("std", "floats", [127.5, 127.5, 127.5], "per-channel std (RGB, 0-255 scale)",
-           check=lambda v: _three(v) or _positive_all(v)),
-    Option("min_area", "float", 0.08, "random resized crop: smallest area fraction", check=_unit_interval),
-    Option("mirror", "bool", True, "random horizontal flips"),
-    Option("color_jitter", "float", 0.0, "brightness/contrast/saturation jitter (0 = off)", check=_non_negative),
-    Option("pca_noise", "float", 0.0, "PCA lighting noise (0 = off)", check=_non_negative),
-    Option("preprocess_threads", "int", 4, "decoding/augmentation threads", check=_positive),
-    Option("verify_checksums", "bool", False, "at start, check every record against the shards' .crc checksums "
-                                              "(reads all the data; record counts are always checked)"),
+    data_dir: str | None = option(None, "folder with train*.rec and val*.rec shards and their .idx "
+                                        "(im2rec_tools layout)")
+    train_rec: str | None = option(None, "training shards: a prefix, a glob or a ';'-separated list "
+                                         "(overrides data_dir)")
+    val_rec: str | None = option(None, "validation shards: a prefix, a glob or a ';'-separated list "
+                                       "(overrides data_dir)")
+    num_classes: int = option(1000, "number of classes", check=_positive)
+    input_size: int = option(299, "training and validation crop size in pixels (>= 71)",
+        check=lambda v: None if v >= 71 else "must be >= 71 (Xception's smallest input)")
+    crop_pct: float = option(0.8975, "validation: resize shorter side to input_size / crop_pct, centre crop",
+        check=_unit_interval)
+    interpolation: str = option("bilinear", "validation resize (and the export's protocol): bilinear or bicubic",
+        choices=["bilinear", "bicubic"])
+    mean: tuple[float, ...] = option((127.5, 127.5, 127.5), "per-channel mean (RGB, 0-255 scale)", check=_three)
+    std: tuple[float, ...] = option((127.5, 127.5, 127.5), "per-channel std (RGB, 0-255 scale)",
+        check=lambda v: _three(v) or _positive_all(v))
+    min_area: float = option(0.08, "random resized crop: smallest area fraction", check=_unit_interval)
+    mirror: bool = option(True, "random horizontal flips")
+    color_jitter: float = option(0.0, "brightness/contrast/saturation jitter (0 = off)", check=_non_negative)
+    pca_noise: float = option(0.0, "PCA lighting noise (0 = off)", check=_non_negative)
+    preprocess_threads: int = option(4, "decoding/augmentation threads", check=_positive)
+    verify_checksums: bool = option(False, "at start, check every record against the shards' .crc checksums "
+                                              "(reads all the data; record counts are always checked)")
     # Model
-    Option("model", "str", "xception", "registered model name (see xception_mx.list_models())"),
-    Option("filter_list", "ints", None, "7 widths overriding the model's filter list"),
-    Option("dropout", "float", 0.5, "dropout before the classifier (0 disables)", check=_fraction),
-    Option("bn_momentum", "float", 0.99, "BatchNorm running-statistics momentum (Keras: 0.99)", check=_fraction),
-    Option("bn_epsilon", "float", 1e-3, "BatchNorm epsilon", check=_positive),
+    model: str = option("xception", "registered model name (see xception_mx.list_models())")
+    filter_list: tuple[int, ...] | None = option(None, "7 widths overriding the model's filter list")
+    dropout: float = option(0.5, "dropout before the classifier (0 disables)", check=_fraction)
+    bn_momentum: float = option(0.99, "BatchNorm running-statistics momentum (Keras: 0.99)", check=_fraction)
+    bn_epsilon: float = option(1e-3, "BatchNorm epsilon", check=_positive)
     # Devices
-    Option("gpus", "ints", [], "GPU ids, e.g. 0,1,2,3; empty = CPU", check=_non_negative_ints),
-    Option("cpus", "int", 1, "number of CPU contexts when no GPU is given (tests the multi-device path)",
-           check=_positive),
-    Option("kv_store", "str", "device", "KVStore type: device, local (one process); dist_sync, dist_device_sync "
+    gpus: tuple[int, ...] = option((), "GPU ids, e.g. 0,1,2,3; empty = CPU", check=_non_negative_ints)
+    cpus: int = option(1, "number of CPU contexts when no GPU is given (tests the multi-device path)",
+        check=_positive)
+    kv_store: str = option("device", "KVStore type: device, local (one process); dist_sync, dist_device_sync "
                                         "(MXNet parameter server, run under python -m xception_mx.launch); "
                                         "horovod (one process per device, run under horovodrun)",
-           choices=["device", "local", "dist_sync", "dist_device_sync", "horovod"]),
-    Option("batch_size", "int", 32, "global batch of one step, summed over all devices and workers, split evenly "
-                                    "across them", check=_positive),
-    Option("amp", "str", "off", "mixed precision through mx.contrib.amp: bfloat16 (CPUs with avx512_bf16), "
+        choices=["device", "local", "dist_sync", "dist_device_sync", "horovod"])
+    batch_size: int = option(32, "global batch of one step, summed over all devices and workers, split evenly "
+                                    "across them", check=_positive)
+    amp: str = option("off", "mixed precision through mx.contrib.amp: bfloat16 (CPUs with avx512_bf16), "
                                 "float16 (GPUs, dynamic loss scaling); weights, optimizer state, checkpoints and "
-                                "exports stay float32", choices=["off", "bfloat16", "float16"]),
-    Option("loss_scale_window", "int", 2000, "--amp float16: good steps before the loss scale doubles (it halves "
-                                             "at once on an overflow, and that step is skipped)", check=_positive),
+                                "exports stay float32", choices=["off", "bfloat16", "float16"])
+    loss_scale_window: int = option(2000, "--amp float16: good steps before the loss scale doubles (it halves "
+                                             "at once on an overflow, and that step is skipped)", check=_positive)
     # Optimisation
-    Option("optimizer", "str", "sgd", "optimizer", choices=["sgd", "nag", "rmsprop", "adam"]),
-    Option("lr", "float", 0.045, "base learning rate (after warm-up)", check=_positive),
-    Option("lr_mode", "str", "exp", "schedule: exp = x lr_decay every lr_decay_period epochs; step = x lr_decay "
-                                    "at lr_step_epochs; cosine; poly", choices=["exp", "step", "cosine", "poly"]),
-    Option("lr_decay", "float", 0.94, "decay factor for exp and step", check=_unit_interval),
-    Option("lr_decay_period", "int", 2, "exp: epochs between decays", check=_positive),
-    Option("lr_step_epochs", "ints", [30, 60, 90], "step: epochs at which lr is multiplied by lr_decay"),
-    Option("poly_power", "float", 2.0, "poly: power", check=_positive),
-    Option("target_lr", "float", 0.0, "cosine/poly: final learning rate", check=_non_negative),
-    Option("warmup_epochs", "int", 0, "linear warm-up epochs from warmup_lr to lr", check=_non_negative),
-    Option("warmup_lr", "float", 0.0, "learning rate at the start of warm-up", check=_non_negative),
-    Option("momentum", "float", 0.9, "momentum (sgd, nag) or gamma2 (rmsprop)", check=_fraction),
-    Option("wd", "float", 1e-5, "weight decay", check=_non_negative),
-    Option("no_wd_bn_bias", "bool", False, "no weight decay on BatchNorm gamma/beta and biases"),
-    Option("label_smoothing", "float", 0.0, "label smoothing epsilon", check=_fraction),
-    Option("mixup", "float", 0.0, "mixup alpha (0 = off)", check=_non_negative),
-    Option("accumulate", "int", 1, "sum the gradients of N micro-batches of batch_size / N images into one "
-                                   "update of batch_size (the schedule counts updates)", check=_positive),
-    Option("clip_grad_norm", "float", 0.0, "scale the gradients down to this global L2 norm when above it "
-                                           "(0 = off)", check=_non_negative),
-    Option("ema", "float", 0.0, "EMA/Polyak decay of weights used for evaluation and export (0 = off)",
-           check=_fraction),
-    Option("num_epochs", "int", 100, "epochs to train", check=_positive),
-    Option("seed", "int", 0, "seed for initialisation, data order, augmentation and dropout", check=_non_negative),
+    optimizer: str = option("sgd", "optimizer", choices=["sgd", "nag", "rmsprop", "adam"])
+    lr: float = option(0.045, "base learning rate (after warm-up)", check=_positive)
+    lr_mode: str = option("exp", "schedule: exp = x lr_decay every lr_decay_period epochs; step = x lr_decay "
+                                    "at lr_step_epochs; cosine; poly", choices=["exp", "step", "cosine", "poly"])
+    lr_decay: float = option(0.94, "decay factor for exp and step", check=_unit_interval)
+    lr_decay_period: int = option(2, "exp: epochs between decays", check=_positive)
+    lr_step_epochs: tuple[int, ...] = option((30, 60, 90), "step: epochs at which lr is multiplied by lr_decay")
+    poly_power: float = option(2.0, "poly: power", check=_positive)
+    target_lr: float = option(0.0, "cosine/poly: final learning rate", check=_non_negative)
+    warmup_epochs: int = option(0, "linear warm-up epochs from warmup_lr to lr", check=_non_negative)
+    warmup_lr: float = option(0.0, "learning rate at the start of warm-up", check=_non_negative)
+    momentum: float = option(0.9, "momentum (sgd, nag) or gamma2 (rmsprop)", check=_fraction)
+    wd: float = option(1e-5, "weight decay", check=_non_negative)
+    no_wd_bn_bias: bool = option(False, "no weight decay on BatchNorm gamma/beta and biases")
+    label_smoothing: float = option(0.0, "label smoothing epsilon", check=_fraction)
+    mixup: float = option(0.0, "mixup alpha (0 = off)", check=_non_negative)
+    accumulate: int = option(1, "sum the gradients of N micro-batches of batch_size / N images into one "
+                                   "update of batch_size (the schedule counts updates)", check=_positive)
+    clip_grad_norm: float = option(0.0, "scale the gradients down to this global L2 norm when above it "
+                                           "(0 = off)", check=_non_negative)
+    ema: float = option(0.0, "EMA/Polyak decay of weights used for evaluation and export (0 = off)",
+        check=_fraction)
+    num_epochs: int = option(100, "epochs to train", check=_positive)
+    seed: int = option(0, "seed for initialisation, data order, augmentation and dropout", check=_non_negative)
     # Output, checkpoints, resume
-    Option("output_dir", "str", "runs/xception", "where checkpoints, metrics.jsonl, curves.png and config.yaml go"),
-    Option("prefix", "str", None, "checkpoint file prefix (default: the model name)"),
-    Option("softmax_head", "bool", False, "also write each epoch's export with a SoftmaxOutput head as "
+    output_dir: str = option("runs/xception", "where checkpoints, metrics.jsonl, curves.png and config.yaml go")
+    prefix: str | None = option(None, "checkpoint file prefix (default: the model name)")
+    softmax_head: bool = option(False, "also write each epoch's export with a SoftmaxOutput head as "
                                           "PREFIX-softmax-symbol.json + PREFIX-softmax-EEEE.params (MXNet's Module "
-                                          "tools: softmax_label)"),
-    Option("tensorboard", "str", None, "also write TensorBoard event files into this folder (needs the "
-                                       "'tensorboard' extra: pip install 'xception_mx[tensorboard]')"),
-    Option("keep_last", "int", 0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
-           check=_non_negative),
-    Option("log_interval", "int", 50, "log a progress line every N batches", check=_positive),
-    Option("checkpoint_interval", "float", 30.0, "minutes between recovery checkpoints inside an epoch (what a "
+                                          "tools: softmax_label)")
+    tensorboard: str | None = option(None, "also write TensorBoard event files into this folder (needs the "
+                                       "'tensorboard' extra: pip install 'xception_mx[tensorboard]')")
+    keep_last: int = option(0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
+        check=_non_negative)
+    log_interval: int = option(50, "log a progress line every N batches", check=_positive)
+    checkpoint_interval: float = option(30.0, "minutes between recovery checkpoints inside an epoch (what a "
                                                  "SIGKILL or a lost node costs at most; 0 = off)",
-           check=_non_negative),
-    Option("resume", "optional_int", None, "continue exactly from the latest checkpoint in output_dir "
-                                           "(or from the given epoch)"),
-    Option("retrain", "bool", False, "with model_load_epoch and lr: start from that epoch's weights and "
-                                     "optimizer state with a new schedule beginning at lr"),
-    Option("model_load_epoch", "int", None, "epoch to load (alone: same as --resume N)", check=_positive),
+        check=_non_negative)
+    resume: int | None = option(None, "continue exactly from the latest checkpoint in output_dir "
+                                           "(or from the given epoch)", kind="optional_int")
+    retrain: bool = option(False, "with model_load_epoch and lr: start from that epoch's weights and "
+                                     "optimizer state with a new schedule beginning at lr")
+    model_load_epoch: int | None = option(None, "epoch to load (alone: same as --resume N)", check=_positive)
     # Fine-tuning
-    Option("pretrained", "str", None, "start a fresh run from these weights, all but the classifier: a run's "
-                                      "PREFIX-EEEE.state.params, or a python -m xception_mx.convert output prefix"),
-    Option("freeze_features_epochs", "int", 0, "train only the classifier for the first N epochs",
-           check=_non_negative),
-    Option("features_lr_mult", "float", 1.0, "learning-rate multiplier of the features (the classifier gets 1)",
-           check=_non_negative),
-    Option("deterministic", "str", "auto", "bit-reproducible runs through MXNet's serial NaiveEngine "
+    pretrained: str | None = option(None, "start a fresh run from these weights, all but the classifier: a run's "
+                                      "PREFIX-EEEE.state.params, or a python -m xception_mx.convert output prefix")
+    freeze_features_epochs: int = option(0, "train only the classifier for the first N epochs",
+        check=_non_negative)
+    features_lr_mult: float = option(1.0, "learning-rate multiplier of the features (the classifier gets 1)",
+        check=_non_negative)
+    deterministic: str = option("auto", "bit-reproducible runs through MXNet's serial NaiveEngine "
                                            "(apache/mxnet#13829): auto = on for single-process CPU runs, off on "
                                            "GPUs and for distributed runs",
-           choices=["auto", "on", "off"]),
-    Option("max_batches", "int", 0, "stop each epoch after N batches (0 = whole epoch; for smoke tests)",
-           check=_non_negative),
+        choices=["auto", "on", "off"])
+    max_batches: int = option(0, "stop each epoch after N batches (0 = whole epoch; for smoke tests)",
+        check=_non_negative)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every key, lists as lists: what ``config.yaml`` and a checkpoint's manifest hold."""
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+#: The kind of each field's type (annotations are strings here: ``from __future__ import annotations``).
+_KINDS = {"str": "str", "str | None": "str", "int": "int", "int | None": "int", "float": "float", "bool": "bool",
+          "tuple[int, ...]": "ints", "tuple[int, ...] | None": "ints", "tuple[float, ...]": "floats"}
+
+SCHEMA: list[Option] = [
+    Option(f.name, f.metadata["kind"] or _KINDS[str(f.type)], f.default, f.metadata["help"], f.metadata["choices"],
+           f.metadata["check"])
+    for f in fields(RunConfig)
 ]
 
 _BY_NAME = {opt.name: opt for opt in SCHEMA}
-
-
-def defaults() -> dict:
-    """Every key with its default value."""
-    return {opt.name: (list(opt.default) if isinstance(opt.default, list) else opt.default) for opt in SCHEMA}
 
 
 def _coerce(opt: Option, value: Any, source: str) -> Any:
@@ -206,7 +237,7 @@ def _coerce(opt: Option, value: Any, source: str) -> Any:
                 if isinstance(v, bool) or (cast is int and isinstance(v, float) and not v.is_integer()):
                     raise TypeError
                 out.append(cast(v))
-            return out
+            return tuple(out)
     except (TypeError, ValueError):
         kind = {"ints": "a comma-separated list of integers", "floats": "a comma-separated list of numbers",
                 "optional_int": "an integer", "int": "an integer", "float": "a number", "str": "a string",
@@ -273,35 +304,34 @@ def load_yaml(path: str) -> dict:
     return out
 
 
-def resolve(yaml_values: dict | None = None, cli_values: dict | None = None) -> dict:
+def resolve(yaml_values: dict | None = None, cli_values: dict | None = None) -> RunConfig:
     """Defaults, overridden by the YAML values, overridden by the CLI values; then every value is checked."""
-    config = defaults()
-    for source, values in (("config", yaml_values or {}), ("command line", cli_values or {})):
-        for key, value in values.items():
+    values: dict[str, Any] = {}
+    for source, given in (("config", yaml_values or {}), ("command line", cli_values or {})):
+        for key, value in given.items():
             if key not in _BY_NAME:
                 raise _unknown_key(key, source)
-            config[key] = _coerce(_BY_NAME[key], value, source)
+            values[key] = _coerce(_BY_NAME[key], value, source)
+    config = RunConfig(**values)
     for opt in SCHEMA:
-        _check(opt, config[opt.name], "config")
+        _check(opt, getattr(config, opt.name), "config")
     _check_combinations(config)
     return config
 
 
-def _check_combinations(config: dict) -> None:
-    if config["filter_list"] is not None:
-        fl = config["filter_list"]
-        if len(fl) != 7 or any(v <= 0 for v in fl) or fl[0] < 2:
-            raise UserError(f"config: filter_list must be 7 positive integers (the first >= 2), got {fl}")
-    if config["retrain"] and config["model_load_epoch"] is None:
+def _check_combinations(config: RunConfig) -> None:
+    fl = config.filter_list
+    if fl is not None and (len(fl) != 7 or any(v <= 0 for v in fl) or fl[0] < 2):
+        raise UserError(f"config: filter_list must be 7 positive integers (the first >= 2), got {list(fl)}")
+    if config.retrain and config.model_load_epoch is None:
         raise UserError("config: --retrain needs --model-load-epoch N (the epoch to start from) and --lr")
-    if config["retrain"] and config["resume"] is not None:
+    if config.retrain and config.resume is not None:
         raise UserError("config: use either --resume or --retrain, not both")
-    if config["resume"] is not None and config["resume"] < 0:
-        raise UserError(f"config: resume must be an epoch >= 1 (or 0 / no value for the latest), "
-                          f"got {config['resume']}")
-    if config["warmup_epochs"] >= config["num_epochs"]:
-        raise UserError(f"config: warmup_epochs ({config['warmup_epochs']}) must be less than num_epochs "
-                          f"({config['num_epochs']})")
+    if config.resume is not None and config.resume < 0:
+        raise UserError(f"config: resume must be an epoch >= 1 (or 0 / no value for the latest), got {config.resume}")
+    if config.warmup_epochs >= config.num_epochs:
+        raise UserError(f"config: warmup_epochs ({config.warmup_epochs}) must be less than num_epochs "
+                        f"({config.num_epochs})")
 
 
 def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
@@ -313,7 +343,7 @@ def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=argparse.SUPPRESS)
     for opt in SCHEMA:
         flag = "--" + opt.name.replace("_", "-")
-        default = "" if opt.default is None else f" (default: {opt.default})"
+        default = "" if opt.default is None else f" (default: {_flag_text(opt.default)})"
         if opt.kind == "bool":
             parser.add_argument(flag, dest=opt.name, action="store_const", const=True, help=opt.help + default)
             if opt.default is True:
@@ -332,19 +362,29 @@ def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
 DISTRIBUTED_KV_STORES = ("dist_sync", "dist_device_sync", "horovod")
 
 
-def wants_serial_engine(config: dict) -> bool:
+def wants_serial_engine(config: RunConfig) -> bool:
     """Whether this run should use MXNet's NaiveEngine (see the ``deterministic`` key)."""
-    mode = config["deterministic"]
-    return mode == "on" or (mode == "auto" and not config["gpus"] and config["kv_store"] not in DISTRIBUTED_KV_STORES)
+    mode = config.deterministic
+    return mode == "on" or (mode == "auto" and not config.gpus and config.kv_store not in DISTRIBUTED_KV_STORES)
 
 
 def parse_device_list(text: str) -> list[int]:
     """'0,1,2' -> [0, 1, 2]; '' -> []."""
-    return _coerce(_BY_NAME["gpus"], text, "command line")
+    return list(_coerce(_BY_NAME["gpus"], text, "command line"))
 
 
-def dump_yaml(config: dict, path: str) -> None:
+def config_text(config: RunConfig) -> str:
+    """The resolved config (every key) as YAML: ``config.yaml`` and TensorBoard's text panel."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+def dump_yaml(config: RunConfig, path: str) -> None:
     """Write the resolved config (every key) as YAML."""
     from .fileio import atomic_write_text
 
-    atomic_write_text(path, yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+    atomic_write_text(path, config_text(config))
+
+
+def _flag_text(value: Any) -> str:
+    """A default as the flag takes it: ``127.5,127.5,127.5`` for a tuple."""
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)

@@ -12,17 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .board import check_available
-from .config import build_parser, load_yaml, resolve, upgrade_saved
+from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved, wants_serial_engine
 from .cpuinfo import cpu_flags
 from .errors import UserError
+from .manifest import Manifest, ScheduleOrigin
 from .records import check_checksums, check_records, count_records, find_shards
 from .runfolder import RunFolder, prefixes_in
 
-__all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
-           "DISTRIBUTED_KV_STORES", "wants_serial_engine"]
+__all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME"]
 
 log = logging.getLogger("xception_mx.plan")
 
@@ -34,15 +35,12 @@ SCHEDULE_KEYS = ("optimizer", "lr", "lr_mode", "lr_decay", "lr_decay_period", "l
 FIXED_ON_RESUME = SCHEDULE_KEYS + ("batch_size", "accumulate", "amp")
 #: How this command continues a run: taken from the command alone, never from a saved configuration.
 RUN_CONTROL_KEYS = ("resume", "retrain", "model_load_epoch")
-#: Multi-process KVStore types. ``deterministic: auto`` keeps MXNet's threaded engine for them: the serial engine
-#: works with ps-lite and Horovod but does not make a multi-process run bit-reproducible, so it would only cost speed.
-DISTRIBUTED_KV_STORES = ("dist_sync", "dist_device_sync", "horovod")
 
 
 @dataclass(frozen=True)
 class ResumePoint:
     epoch: int  # the last complete epoch (0 for a mid-epoch checkpoint taken during epoch 1)
-    manifest: dict
+    manifest: Manifest
     partial: bool  # True: the mid-epoch checkpoint written on SIGINT/SIGTERM during epoch + 1
 
 
@@ -55,27 +53,21 @@ class Shards:
 @dataclass(frozen=True)
 class RunPlan:
     """Everything a run needs decided before it is built."""
-    config: dict
+    config: RunConfig
     folder: RunFolder
     resume: ResumePoint | None  # None: a fresh start
     retrain: bool
-    schedule: dict  # the schedule's origin: start_epoch, lr, warmup_epochs
+    schedule: ScheduleOrigin
     engine: str  # MXNET_ENGINE_TYPE for this run
     shards: Shards = field(repr=False)
-    notes: list = field(default_factory=list, repr=False)  # what the CLI set up before MXNet loaded, for the log
+    notes: list[str] = field(default_factory=list, repr=False)  # what the CLI set up before MXNet loaded, for the log
 
     @property
     def start_epoch(self) -> int:
         return self.resume.epoch if self.resume else 0
 
 
-def wants_serial_engine(config: dict) -> bool:
-    """Whether this run should use MXNet's NaiveEngine (see the ``deterministic`` key)."""
-    mode = config["deterministic"]
-    return mode == "on" or (mode == "auto" and not config["gpus"] and config["kv_store"] not in DISTRIBUTED_KV_STORES)
-
-
-def choose_engine(config: dict, environ: dict) -> str:
+def choose_engine(config: RunConfig, environ: Mapping[str, str]) -> str:
     """Workaround for apache/mxnet#13829: the threaded engine reorders floating-point work between runs, so two
     identical CPU runs differ in the last bits after a few steps; the serial NaiveEngine makes them bit-identical at
     no measurable cost on CPU. MXNet reads MXNET_ENGINE_TYPE once, at load; a value the user set is kept."""
@@ -84,61 +76,63 @@ def choose_engine(config: dict, environ: dict) -> str:
     return "NaiveEngine" if wants_serial_engine(config) else "ThreadedEnginePerDevice"
 
 
-def plan_run(argv: list[str] | None = None, environ: dict | None = None, check_data: bool = True) -> RunPlan:
+def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = None,
+             check_data: bool = True) -> RunPlan:
     """Parse ``argv`` (``--config`` YAML, then flags), apply the resume/retrain rules and run the run-level checks."""
     environ = os.environ if environ is None else environ
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     given = {**(load_yaml(config_file) if config_file else {}), **args}
     draft = resolve(given)
-    folder = RunFolder(draft["output_dir"], _prefix(draft, given))
+    folder = RunFolder(draft.output_dir, _prefix(draft, given))
     point = _resume_point(folder, draft)
     if point is None:
         config = draft
         folder.refuse_fresh_run()
-        schedule = {"start_epoch": 0, "lr": config["lr"], "warmup_epochs": config["warmup_epochs"]}
+        schedule = ScheduleOrigin(0, config.lr, config.warmup_epochs)
     else:
-        saved = {k: v for k, v in upgrade_saved(point.manifest["config"]).items() if k not in RUN_CONTROL_KEYS}
+        saved = {k: v for k, v in upgrade_saved(point.manifest.config).items() if k not in RUN_CONTROL_KEYS}
         config = resolve(saved, given)
-        if config["retrain"]:
-            schedule = {"start_epoch": point.epoch, "lr": config["lr"], "warmup_epochs": 0}
+        if config.retrain:
+            schedule = ScheduleOrigin(point.epoch, config.lr, 0)
         else:
             _refuse_schedule_change(resolve(saved), config, given, args, config_file)
-            schedule = point.manifest["schedule"]
-        if point.epoch >= config["num_epochs"]:
-            raise UserError(f"the checkpoint is at epoch {point.epoch} and num_epochs is {config['num_epochs']}: "
+            schedule = point.manifest.schedule
+        if point.epoch >= config.num_epochs:
+            raise UserError(f"the checkpoint is at epoch {point.epoch} and num_epochs is {config.num_epochs}: "
                             f"raise --num-epochs to train further")
     _check_devices(config)
-    if config["tensorboard"]:
+    if config.tensorboard:
         check_available()
     shards = _find_shards(config) if check_data else Shards([], [])
-    return RunPlan(config, folder, point, bool(config["retrain"]), schedule, choose_engine(config, environ), shards)
+    return RunPlan(config, folder, point, bool(config.retrain), schedule, choose_engine(config, environ), shards)
 
 
-def _prefix(draft: dict, given: dict) -> str:
+def _prefix(draft: RunConfig, given: dict) -> str:
     """The checkpoint prefix: given, else the model's name; a continued run with neither finds it in its folder."""
-    if draft["prefix"] or "model" in given:
-        return draft["prefix"] or draft["model"]
-    if draft["resume"] is None and draft["model_load_epoch"] is None:
-        return draft["model"]
-    found = prefixes_in(draft["output_dir"])
+    if draft.prefix or "model" in given:
+        return draft.prefix or draft.model
+    if draft.resume is None and draft.model_load_epoch is None:
+        return draft.model
+    found = prefixes_in(draft.output_dir)
     if len(found) > 1:
-        raise UserError(f"{draft['output_dir']} holds checkpoints of {len(found)} prefixes ({', '.join(found)}): "
+        raise UserError(f"{draft.output_dir} holds checkpoints of {len(found)} prefixes ({', '.join(found)}): "
                         f"pass --prefix to choose one")
-    return found[0] if found else draft["model"]
+    return found[0] if found else draft.model
 
 
-def _resume_point(folder: RunFolder, draft: dict) -> ResumePoint | None:
+def _resume_point(folder: RunFolder, draft: RunConfig) -> ResumePoint | None:
     """``--resume`` (no epoch): the latest complete epoch, or the mid-epoch checkpoint that follows it;
     ``--resume N`` / ``--model-load-epoch N`` (with or without ``--retrain``): epoch N."""
-    if draft["model_load_epoch"] is not None:
-        epoch = draft["model_load_epoch"]
-    elif draft["resume"] is not None:
-        epoch = draft["resume"] or folder.latest()
-        if draft["resume"] == 0:
+    epoch: int | None
+    if draft.model_load_epoch is not None:
+        epoch = draft.model_load_epoch
+    elif draft.resume is not None:
+        epoch = draft.resume or folder.latest()
+        if draft.resume == 0:
             partial = folder.partial_manifest()
-            if partial is not None and partial["epoch"] == (epoch or 0):
-                return ResumePoint(partial["epoch"], partial, True)
+            if partial is not None and partial.epoch == (epoch or 0):
+                return ResumePoint(partial.epoch, partial, True)
         if epoch is None:
             raise UserError(f"--resume: no complete checkpoint in {folder.folder} (prefix {folder.prefix!r}); "
                             f"start without --resume")
@@ -147,40 +141,41 @@ def _resume_point(folder: RunFolder, draft: dict) -> ResumePoint | None:
     return ResumePoint(epoch, folder.manifest(epoch), False)
 
 
-def _refuse_schedule_change(saved: dict, config: dict, given: dict, flags: dict, config_file: str | None) -> None:
+def _refuse_schedule_change(saved: RunConfig, config: RunConfig, given: dict, flags: dict,
+                            config_file: str | None) -> None:
     """A resume continues the saved optimiser and schedule exactly: a different one, from a flag or from an edited
     --config file, would be silently ignored, so it is refused."""
-    changed = [k for k in FIXED_ON_RESUME if k in given and config[k] != saved[k]]
+    changed = [k for k in FIXED_ON_RESUME if k in given and getattr(config, k) != getattr(saved, k)]
     if not changed:
         return
     key = changed[0]
     flag = "--" + key.replace("_", "-")
     where = flag if key in flags else f"{key}: {given[key]!r} in {config_file}"
     raise UserError(f"{where} with --resume: a resume continues the saved optimiser, schedule, batch size, "
-                    f"accumulation and precision exactly (the run has {key} {saved[key]!r}); to change it from "
-                    f"epoch N use --retrain --model-load-epoch N --lr LR {flag} ...")
+                    f"accumulation and precision exactly (the run has {key} {saved.to_dict()[key]!r}); to change "
+                    f"it from epoch N use --retrain --model-load-epoch N --lr LR {flag} ...")
 
 
-def _check_devices(config: dict) -> None:
-    devices = len(config["gpus"]) or config["cpus"]
-    if config["batch_size"] % devices and config["kv_store"] in ("device", "local"):
-        raise UserError(f"--batch-size {config['batch_size']} is not divisible by the {devices} devices: "
+def _check_devices(config: RunConfig) -> None:
+    devices = len(config.gpus) or config.cpus
+    if config.batch_size % devices and config.kv_store in ("device", "local"):
+        raise UserError(f"--batch-size {config.batch_size} is not divisible by the {devices} devices: "
                         f"use a multiple of {devices}")
-    parts = devices * config["accumulate"]
-    if config["batch_size"] % parts and config["kv_store"] in ("device", "local"):
-        raise UserError(f"--batch-size {config['batch_size']} does not split into --accumulate "
-                        f"{config['accumulate']} micro-batches over {devices} device(s): use a multiple of {parts}")
+    parts = devices * config.accumulate
+    if config.batch_size % parts and config.kv_store in ("device", "local"):
+        raise UserError(f"--batch-size {config.batch_size} does not split into --accumulate "
+                        f"{config.accumulate} micro-batches over {devices} device(s): use a multiple of {parts}")
     _check_precision(config)
 
 
-def _check_precision(config: dict) -> None:
+def _check_precision(config: RunConfig) -> None:
     """float16 AMP needs GPUs (MXNet's CPU kernels have no float16 convolution); bfloat16 AMP runs on oneDNN, so on
     CPUs, and only where the CPU has bfloat16 instructions (elsewhere oneDNN emulates it, slower than float32)."""
-    if config["amp"] == "float16" and not config["gpus"]:
+    if config.amp == "float16" and not config.gpus:
         raise UserError("--amp float16 needs GPUs (--gpus): MXNet's CPU kernels have no float16 convolution; "
                         "on a CPU with avx512_bf16 use --amp bfloat16")
-    if config["amp"] == "bfloat16":
-        if config["gpus"]:
+    if config.amp == "bfloat16":
+        if config.gpus:
             raise UserError("--amp bfloat16 runs on CPUs (MXNet's bfloat16 kernels are oneDNN's): on GPUs use "
                             "--amp float16")
         if "avx512_bf16" not in cpu_flags():
@@ -188,25 +183,26 @@ def _check_precision(config: dict) -> None:
                             "/proc/cpuinfo), where it would be slower than float32: train with --amp off")
 
 
-def _find_shards(config: dict) -> Shards:
+def _find_shards(config: RunConfig) -> Shards:
     def spec(kind: str) -> str:
-        if config[f"{kind}_rec"]:
-            return config[f"{kind}_rec"]
-        if not config["data_dir"]:
+        rec = config.train_rec if kind == "train" else config.val_rec
+        if rec:
+            return rec
+        if not config.data_dir:
             raise UserError(f"no {kind} data: give --data-dir DIR (with {kind}*.rec shards) or --{kind}-rec")
-        if not os.path.isdir(config["data_dir"]):
-            raise UserError(f"--data-dir {config['data_dir']!r} is not a folder")
-        return os.path.join(config["data_dir"], kind)
+        if not os.path.isdir(config.data_dir):
+            raise UserError(f"--data-dir {config.data_dir!r} is not a folder")
+        return os.path.join(config.data_dir, kind)
 
     shards = Shards(find_shards(spec("train")), find_shards(spec("val")))
     if count_records(shards.val) == 0:
         raise UserError(f"the validation shards hold no records: {', '.join(shards.val)}; pack some images into "
                         f"them or give other --val-rec shards")
     start, every = time.time(), shards.train + shards.val
-    checked = check_records(every, config["num_classes"])
-    unverifiable = check_checksums(every, verify=config["verify_checksums"])
+    checked = check_records(every, config.num_classes)
+    unverifiable = check_checksums(every, verify=config.verify_checksums)
     log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", checked,
-             len(every), " and their checksums" if config["verify_checksums"] else "", time.time() - start)
+             len(every), " and their checksums" if config.verify_checksums else "", time.time() - start)
     if unverifiable:
         log.info("%d of %d shards have no .crc checksum file (packed by MXNet's im2rec.py?): their records cannot "
                  "be checksum-verified", len(unverifiable), len(every))

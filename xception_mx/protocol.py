@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 
+from .config import RunConfig
 from .errors import UserError
 from .fileio import atomic_write_text
 
@@ -38,8 +39,8 @@ class Preprocess:
 
     input_size: int = 299
     crop_pct: float = 0.8975
-    mean: tuple[float, float, float] = (127.5, 127.5, 127.5)
-    std: tuple[float, float, float] = (127.5, 127.5, 127.5)
+    mean: tuple[float, ...] = (127.5, 127.5, 127.5)
+    std: tuple[float, ...] = (127.5, 127.5, 127.5)
     interpolation: str = "bilinear"
     channel_order: str = field(default="RGB", init=False)
 
@@ -77,9 +78,9 @@ class Preprocess:
         return cls(**{k: values[k] for k in keys if k in values})
 
     @classmethod
-    def from_config(cls, config: dict) -> Preprocess:
+    def from_config(cls, config: RunConfig) -> Preprocess:
         """The validation protocol of a training config."""
-        return cls.from_dict(config)
+        return cls(config.input_size, config.crop_pct, config.mean, config.std, config.interpolation)
 
     def write(self, model_prefix: str) -> str:
         path = protocol_path(model_prefix)

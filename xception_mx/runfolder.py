@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from .errors import UserError
 from .fileio import atomic_write_text
+from .manifest import Manifest
 from .metrics import read_jsonl
 
 __all__ = ["RunFolder", "RunLock", "CheckpointFiles", "numbered_files", "prefixes_in"]
@@ -80,14 +81,13 @@ class RunFolder:
         state = f"{base}-partial.{token}.state.params" if epoch is None and token else f"{base}-{tag}.state.params"
         return CheckpointFiles(f"{base}-symbol.json", f"{base}-{tag}.params", state, f"{base}-{tag}.state.json")
 
-    def state_file(self, epoch: int | None, manifest: dict) -> str:
+    def state_file(self, epoch: int | None, manifest: Manifest) -> str:
         """The state file a manifest belongs to."""
-        return self.files(epoch, (manifest.get("files") or {}).get("token")).state
+        return self.files(epoch, manifest.files.token).state
 
-    def _state_matches(self, epoch: int | None, manifest: dict) -> bool:
+    def _state_matches(self, epoch: int | None, manifest: Manifest) -> bool:
         """The manifest's own state file is there, with the size it recorded (the CRC is checked on load)."""
-        path = self.state_file(epoch, manifest)
-        size = (manifest.get("files") or {}).get("state_size")
+        path, size = self.state_file(epoch, manifest), manifest.files.size
         return os.path.isfile(path) and (size is None or os.path.getsize(path) == size)
 
     def epochs(self) -> list[int]:
@@ -103,7 +103,7 @@ class RunFolder:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
 
-    def manifest(self, epoch: int) -> dict:
+    def manifest(self, epoch: int) -> Manifest:
         """Epoch ``epoch``'s manifest; one line naming the epochs that exist when it is missing or unreadable."""
         if epoch not in self.epochs():
             have = ", ".join(map(str, self.epochs())) or "none"
@@ -111,26 +111,23 @@ class RunFolder:
                             f"epochs that exist: {have}")
         path = self.files(epoch).manifest
         try:
-            with open(path, encoding="utf-8") as f:
-                return json.load(f)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{path} is unreadable ({exc}); resume from another epoch") from None
+            return _read_manifest(path)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise UserError(f"{path} is unreadable ({exc!r}); resume from another epoch") from None
 
-    def partial_manifest(self) -> dict | None:
+    def partial_manifest(self) -> Manifest | None:
         """The mid-epoch checkpoint's manifest, or None when there is none (or its own state file is missing)."""
-        path = self.files(None).manifest
         try:
-            with open(path, encoding="utf-8") as fh:
-                manifest = json.load(fh)
-        except (OSError, ValueError):
+            manifest = _read_manifest(self.files(None).manifest)
+        except (OSError, ValueError, KeyError, TypeError):
             return None
-        return manifest if self._state_matches(None, manifest) else None
+        return manifest if manifest.in_progress and self._state_matches(None, manifest) else None
 
     def partial_state_files(self) -> list[str]:
         return sorted(glob.glob(glob.escape(self.model_prefix) + "-partial*.state.params"))
 
-    def write_manifest(self, epoch: int | None, manifest: dict) -> None:
-        atomic_write_text(self.files(epoch).manifest, json.dumps(manifest, indent=1, sort_keys=True))
+    def write_manifest(self, epoch: int | None, manifest: Manifest) -> None:
+        atomic_write_text(self.files(epoch).manifest, json.dumps(manifest.to_json(), indent=1, sort_keys=True))
 
     def remove(self, epoch: int | None) -> None:
         """Delete a checkpoint (the manifest first: a crash midway leaves nothing that looks complete)."""
@@ -188,8 +185,8 @@ class RunFolder:
     def resume_hint(self) -> str:
         """Where a resume of this folder would continue, as the command to run."""
         partial, latest = self.partial_manifest(), self.latest()
-        if partial:
-            where = f"epoch {partial['epoch'] + 1}, batch {partial['in_progress']['batches_done']}"
+        if partial and partial.in_progress:
+            where = f"epoch {partial.epoch + 1}, batch {partial.in_progress.batches_done}"
         elif latest:
             where = f"the end of epoch {latest}"
         else:
@@ -222,7 +219,8 @@ class RunLock:
     """
 
     def __init__(self, path: str):
-        self.path, self._fd = path, None
+        self.path = path
+        self._fd: int | None = None
 
     def __enter__(self) -> RunLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -243,3 +241,8 @@ class RunLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+def _read_manifest(path: str) -> Manifest:
+    with open(path, encoding="utf-8") as fh:
+        return Manifest.from_json(json.load(fh))
