@@ -2,7 +2,7 @@
 """Score an exported Xception checkpoint on RecordIO shards, benchmark it, or predict images (see --help)."""
 import sys
 
-from xception_mx.cli import score_main
+from xception_mx.score_cli import main
 
 if __name__ == "__main__":
-    sys.exit(score_main())
+    sys.exit(main())

@@ -30,7 +30,7 @@ def worker(args) -> None:
     from mxnet import gluon
 
     from xception_mx.distributed import create_cluster
-    from xception_mx.model import get_model
+    from xception_mx.registry import get_model
     from xception_mx.step import train_step
 
     cluster = create_cluster(args.kv_store, 1)

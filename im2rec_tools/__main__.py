@@ -10,13 +10,10 @@ import os
 import sys
 from collections.abc import Sequence
 
-from xception_mx.console import OneLineParser, run_cli
-from xception_mx.errors import UserError
+from xception_mx.console import OneLineParser, run_command
 
-PROG = "im2rec-tools"
-
-
-_Parser = OneLineParser
+#: The module form; ``im2rec-tools`` when run as the installed script (``console.program_name``).
+PROG = "python -m im2rec_tools"
 
 
 def _int_at_least(minimum: int):
@@ -48,9 +45,10 @@ def _quality(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Build, check and demo the RecordIO image shards xception_mx trains on.")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+def build_parser() -> OneLineParser:
+    parser = OneLineParser(prog=PROG,
+                           description="Build, check and demo the RecordIO image shards xception_mx trains on.")
+    commands = parser.add_commands()
 
     p = commands.add_parser("make-list", help="write train/val .lst image lists and the class table",
                             description="Walk IMAGE_ROOT (one sub-folder per class; .jpg/.jpeg/.png/.bmp at any depth) "
@@ -64,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", metavar="FILE.csv", help="flat folder: 'relative_path,class_name' rows")
     p.add_argument("--classes", metavar="CLASSES.txt",
                    help="reuse this class table (e.g. train's) so labels match; default: the sorted class names found")
+    p.set_defaults(func=_run_make_list)
 
     p = commands.add_parser("pack", help="pack an image list into RecordIO shards",
                             description="Pack LST into OUT_PREFIX-0000i-of-0000N.rec/.idx: 3-channel JPEGs, "
@@ -79,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_int_at_least(1), default=min(4, os.cpu_count() or 1),
                    help="encoding processes (default: min(4, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="rebuild complete shards too")
+    p.set_defaults(func=_run_pack)
 
     p = commands.add_parser("verify", help="check shards record by record",
                             description="Check every shard matched by PREFIX_OR_GLOB (a prefix, a glob, a .rec, or "
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("spec", metavar="PREFIX_OR_GLOB")
     p.add_argument("--decode", action="store_true", help="decode every image too (slower)")
     p.add_argument("--workers", type=_int_at_least(1), default=1, help="shards checked in parallel (default 1)")
+    p.set_defaults(func=_run_verify)
 
     p = commands.add_parser("demo-digits", help="scikit-learn's handwritten digits as train/val shards",
                             description="Write scikit-learn's 1,797 bundled 8x8 digit scans as JPEGs under "
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9",
                    help="digits to keep, labelled 0..K-1 in this order (default 0,...,9)")
     p.add_argument("--shards", type=_int_at_least(1), default=2, help="shards per split (default 2)")
+    p.set_defaults(func=_run_demo_digits)
     return parser
 
 
@@ -153,24 +155,10 @@ def _run_demo_digits(args) -> int:
     return 0
 
 
-_COMMANDS = {"make-list": _run_make_list, "pack": _run_pack, "verify": _run_verify, "demo-digits": _run_demo_digits}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit code (bad input: one line on stderr, code 2)."""
-    parsed = []
-
-    def parse() -> None:
-        parsed.append(build_parser().parse_args(argv))
-        if parsed[0].command is None:
-            raise UserError(f"choose a command: {', '.join(_COMMANDS)} (see `{PROG} --help`)")
-
-    code = run_cli(PROG, parse)
-    if code:
-        return code
-    args = parsed[0]
-    return run_cli(f"{PROG} {args.command}", lambda: _COMMANDS[args.command](args),
-                   interrupted_hint="complete outputs are kept, rerun the same command to finish")
+    return run_command(build_parser(), sys.argv[1:] if argv is None else argv,
+                       interrupted_hint="complete outputs are kept, rerun the same command to finish")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ def decode_bgr(data: bytes) -> np.ndarray:
     """Decode image bytes to an (H, W, 3) uint8 BGR array."""
     if not data:
         raise ImageDecodeError("empty file")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # Any dtype (cv2's stubs type it integer | floating, with no '>>') and None when undecodable (unlisted there).
+    img: np.ndarray | None = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     if img is None:
         raise ImageDecodeError("OpenCV cannot decode it (not an image, or truncated)")
     if img.dtype == np.uint16:

@@ -54,7 +54,7 @@ def scan_class_tree(root: str) -> tuple[list[str], list[tuple[str, str]], list[s
         raise UserError(f"{root} is empty: expected one sub-folder of images per class")
     if loose:
         notes.append(f"ignored {len(loose)} images directly in {root} (not inside a class folder)")
-    items = []
+    items: list[tuple[str, str]] = []
     for name in classes:
         found = _walk_images(root, os.path.join(root, name))
         if not found:
@@ -97,7 +97,8 @@ def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
     """[(relative path, class name)] from ``relative_path,class_name`` rows; a header row is allowed."""
     if not os.path.isfile(csv_path):
         raise UserError(f"labels file {csv_path} does not exist")
-    items, seen = [], set()
+    items: list[tuple[str, str]] = []
+    seen: set[str] = set()
     text = read_text(csv_path, "labels file", encoding="utf-8-sig")
     for row_no, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
         if not row or not "".join(row).strip() or row[0].lstrip().startswith("#"):
@@ -125,7 +126,7 @@ def read_classes(path: str) -> list[str]:
     """Class names in label order from a ``classes.txt`` (``label<TAB>name`` lines, labels 0..K-1)."""
     if not os.path.isfile(path):
         raise UserError(f"classes file {path} does not exist")
-    names = []
+    names: list[str] = []
     for line_no, line in enumerate(read_text(path, "classes file").splitlines(keepends=True), 1):
         if not line.strip():
             continue
@@ -238,6 +239,7 @@ def make_lists(image_root: str, out_prefix: str, val_ratio: float = 0.1, seed: i
     check_out_prefix(out_prefix)
     if not os.path.isdir(image_root):
         raise UserError(f"image folder {image_root} does not exist")
+    notes: list[str]
     if labels_csv:
         items, notes = read_labels_csv(image_root, labels_csv), []
         found_classes = sort_class_names(name for _, name in items)

@@ -180,7 +180,9 @@ def merged_index(rec_paths: list[str], cache_dir: str | None = None) -> tuple[li
     it serves them all. Returns the non-empty shards (dmlc-core refuses a zero-byte ``.rec`` on its own) and the
     merged index path, written once per shard set into ``cache_dir`` (default: a per-user folder in the temp dir).
     """
-    used, lines, base = [], [], 0
+    used: list[str] = []
+    lines: list[str] = []
+    base = 0
     for rec in rec_paths:
         offsets = read_offsets(rec)
         if not offsets:

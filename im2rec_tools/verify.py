@@ -18,6 +18,7 @@ import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .headers import image_problem
 from .recordfile import RecordError, read_record
 from .shards import checksum_problems, idx_path_for, lookup_shards
 
@@ -53,8 +54,6 @@ def _image_size(data: bytes, decode: bool) -> tuple[int, int]:
             raise ValueError(f"image has {1 if img.ndim == 2 else img.shape[2]} channels, expected 3")
         return img.shape[0], img.shape[1]
     from PIL import Image
-
-    from xception_mx.records import image_problem
 
     problem = image_problem(data)  # what makes MXNet's reader die (SIGFPE), which Pillow's header parse lets by
     if problem:
@@ -195,9 +194,10 @@ def format_report(reports: list[ShardReport], problems: list[str], decode: bool)
                      f"{_span(r.heights):>11}  {_span(r.widths):>11}")
     labels: Counter = sum((r.labels for r in reports), Counter())
     total = sum(r.records for r in reports)
-    heights = widths = None
+    heights: tuple[int, int] | None = None
+    widths: tuple[int, int] | None = None
     for r in reports:
-        if r.heights:
+        if r.heights and r.widths:  # set together, by _grow, for each good record
             heights = _grow(_grow(heights, r.heights[0]), r.heights[1])
             widths = _grow(_grow(widths, r.widths[0]), r.widths[1])
     lines.append(f"total: {total} good records in {len(reports)} shards")

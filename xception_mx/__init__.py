@@ -8,8 +8,12 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    if name in __all__:
-        from . import model
+    if name == "Xception":
+        from .model import Xception
 
-        return getattr(model, name)
+        return Xception
+    if name in ("get_model", "list_models"):
+        from . import registry
+
+        return getattr(registry, name)
     raise AttributeError(f"module 'xception_mx' has no attribute {name!r}")

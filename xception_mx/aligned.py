@@ -1,9 +1,10 @@
 """Aligned Xception (DeepLab v3+, Chen et al. 2018): xception41, xception65, xception71, as block tables.
 
-A variant is data: its entry-flow blocks (width, stride) and its middle-flow repeat count; the exit flow is shared.
-One builder turns a table into a network. What differs from the paper's Xception: every separable conv has
-BatchNorm between its depthwise and pointwise convs, strided separable convs replace the max pools, every 3x3 conv
-is padded by 1 (the stem too), and the last block has no shortcut and a ReLU after each BatchNorm.
+A variant is data (its table is in ``registry.ALIGNED_CONFIGS``): its entry-flow blocks (width, stride) and its
+middle-flow repeat count; the exit flow is shared. One builder turns a table into a network. What differs from the
+paper's Xception: every separable conv has BatchNorm between its depthwise and pointwise convs, strided separable
+convs replace the max pools, every 3x3 conv is padded by 1 (the stem too), and the last block has no shortcut and a
+ReLU after each BatchNorm.
 
 Child names follow timm's ``xception_aligned`` state dict under ``features.`` (``stem.0.conv``, ``stem.0.bn``,
 ``blocks.3.stack.conv2.conv_dw``, ``bn_dw``, ``conv_pw``, ``bn_pw``, ``blocks.3.shortcut.conv``/``.bn``); the
@@ -13,12 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import mxnet as mx
 from mxnet.gluon import nn
 
-from .model import FEATURES_NAME, relu, stable_name
+from .model import CONV_INIT, DENSE_INIT, FEATURES_NAME, relu, stable_name
 
-__all__ = ["BlockSpec", "ALIGNED_CONFIGS", "block_table", "XceptionAligned"]
+__all__ = ["BlockSpec", "block_table", "XceptionAligned", "EXIT_FLOW"]
 
 
 @dataclass(frozen=True)
@@ -31,24 +31,15 @@ class BlockSpec:
     relu_first: bool = True
 
 
-#: Registered aligned variants: the entry flow after the stem (width, stride) and the middle flow's repeat count.
-ALIGNED_CONFIGS: dict[str, dict] = {
-    "xception41": {"entry": ((128, 2), (256, 2), (728, 2)), "middle": 8},
-    "xception65": {"entry": ((128, 2), (256, 2), (728, 2)), "middle": 16},
-    "xception71": {"entry": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)), "middle": 16},
-}
-
 #: The shared exit flow: a strided block widening to 1024, then 1536-1536-2048 without a shortcut.
 EXIT_FLOW = (BlockSpec((728, 1024, 1024), 2), BlockSpec((1536, 1536, 2048), 1, skip=False, relu_first=False))
 STEM_WIDTHS = (32, 64)
 MIDDLE_WIDTH = 728
 
-_CONV_INIT = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
-_DENSE_INIT = mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
-
 
 def block_table(entry, middle: int) -> list[BlockSpec]:
-    """Entry blocks (width, stride), ``middle`` blocks of 728, then the exit flow."""
+    """Entry blocks (width, stride), ``middle`` blocks of 728, then the exit flow (the registered variants' tables:
+    ``registry.ALIGNED_CONFIGS``)."""
     blocks = [BlockSpec((w, w, w), s) for w, s in entry]
     blocks += [BlockSpec((MIDDLE_WIDTH,) * 3) for _ in range(middle)]
     return blocks + list(EXIT_FLOW)
@@ -62,7 +53,7 @@ class _ConvBN(nn.HybridBlock):
         self.relu = relu
         with self.name_scope():
             self.conv = nn.Conv2D(channels, kernel, strides=stride, padding=kernel // 2, use_bias=False,
-                                  in_channels=in_channels, weight_initializer=_CONV_INIT)
+                                  in_channels=in_channels, weight_initializer=CONV_INIT)
             self.bn = nn.BatchNorm(in_channels=channels, epsilon=bn_epsilon, momentum=bn_momentum)
 
     def hybrid_forward(self, F, x):
@@ -78,10 +69,10 @@ class _SeparableConvBN(nn.HybridBlock):
         self.relu_inside = relu_inside
         with self.name_scope():
             self.conv_dw = nn.Conv2D(in_channels, 3, strides=stride, padding=1, groups=in_channels, use_bias=False,
-                                     in_channels=in_channels, weight_initializer=_CONV_INIT)
+                                     in_channels=in_channels, weight_initializer=CONV_INIT)
             self.bn_dw = nn.BatchNorm(in_channels=in_channels, epsilon=bn_epsilon, momentum=bn_momentum)
             self.conv_pw = nn.Conv2D(channels, 1, use_bias=False, in_channels=in_channels,
-                                     weight_initializer=_CONV_INIT)
+                                     weight_initializer=CONV_INIT)
             self.bn_pw = nn.BatchNorm(in_channels=channels, epsilon=bn_epsilon, momentum=bn_momentum)
 
     def hybrid_forward(self, F, x):
@@ -153,7 +144,7 @@ class _AlignedFeatures(nn.HybridBlock):
 class XceptionAligned(nn.HybridBlock):
     """An aligned Xception classifier: ``features`` (to the pooled 2048-vector), dropout, ``fc``.
 
-    Built from a block table (:func:`block_table`); the registry names are in :data:`ALIGNED_CONFIGS`.
+    Built from a block table (:func:`block_table`); the registered names are in ``registry.ALIGNED_CONFIGS``.
     """
 
     def __init__(self, blocks: list[BlockSpec], num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3,
@@ -174,7 +165,7 @@ class XceptionAligned(nn.HybridBlock):
         return f"aligned, {len(self.blocks)} blocks"
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
-        return nn.Dense(num_classes, in_units=self.num_features, weight_initializer=_DENSE_INIT)
+        return nn.Dense(num_classes, in_units=self.num_features, weight_initializer=DENSE_INIT)
 
     def reset_classifier(self, num_classes: int, ctx=None) -> None:
         """Replace the output part with a freshly initialised ``num_classes``-way classifier."""

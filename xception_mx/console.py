@@ -1,4 +1,5 @@
-"""What every console script shares: the one-line argument parser, ``run_cli`` and logging set-up.
+"""What every console script shares: the program's name, the one-line argument parser, sub-command dispatch,
+``run_cli`` and logging set-up.
 
 Imports no MXNet: ``train_xception.py`` must choose MXNet's engine before MXNet loads.
 """
@@ -6,23 +7,87 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, UserError
 
-__all__ = ["OneLineParser", "run_cli", "setup_logging", "log_to_file"]
+__all__ = ["CONSOLE_SCRIPTS", "program_name", "OneLineParser", "run_command", "run_cli", "setup_logging",
+           "log_to_file"]
+
+#: Each command's script or ``python -m`` form (what the code names it by) -> its installed console script.
+CONSOLE_SCRIPTS = {
+    "train_xception.py": "train-xception",
+    "score.py": "xception-score",
+    "python -m xception_mx.deploy": "xception-deploy",
+    "python -m xception_mx.summary": "xception-summary",
+    "python -m xception_mx.convert": "xception-convert",
+    "python -m im2rec_tools": "im2rec-tools",
+}
+
+
+def program_name(prog: str) -> str:
+    """The name the user typed for ``prog`` (a form in :data:`CONSOLE_SCRIPTS`, a sub-command may follow): the
+    console script when that is what runs (the basename of ``sys.argv[0]``), else ``prog`` itself. The one place
+    that names a program: :class:`OneLineParser` and :func:`run_cli` pass every ``prog`` through it."""
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    for form, script in CONSOLE_SCRIPTS.items():
+        if typed == script and (prog == form or prog.startswith(form + " ")):
+            return script + prog[len(form):]
+    return prog
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one :class:`UserError` line (not usage + error + exit)."""
+    """argparse that reports a bad flag as one :class:`UserError` line (not usage + error + exit), under the name
+    the user typed (:func:`program_name`); :meth:`add_commands` makes its sub-commands."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        if kwargs.get("prog") is not None:
+            kwargs["prog"] = program_name(kwargs["prog"])
+        super().__init__(*args, **kwargs)
+        self.commands: argparse._SubParsersAction | None = None
+
+    def add_commands(self) -> argparse._SubParsersAction:
+        """The sub-commands: ``add_parser(name, ...)`` each, with ``set_defaults(func=...)`` (``func(args)`` runs
+        it, see :func:`run_command`)."""
+        self.commands = self.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+        return self.commands
 
     def error(self, message):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def run_command(parser: OneLineParser, argv: Sequence[str], default: str | None = None,
+                interrupted_hint: str = "") -> int:
+    """Parse ``argv`` with a parser made by :meth:`OneLineParser.add_commands` and run the chosen sub-command's
+    ``func(args)`` under :func:`run_cli`: a parse error starts with the program's name, a failure of the command
+    with the name and the sub-command as typed. ``default``: the sub-command run when ``argv`` names none."""
+    argv = list(argv)
+    if parser.commands is None:
+        raise TypeError("run_command needs a parser whose add_commands() was called")
+    names = parser.commands.choices
+    implicit = default is not None and not (argv[:1] and (argv[0] in names or argv[0] in ("-h", "--help")))
+    parsed = []
+
+    def parse() -> None:
+        args = parser.parse_args([default, *argv] if implicit and default is not None else argv)
+        if args.command is None:
+            raise UserError(f"choose a command: {', '.join(names)} (see {parser.prog} --help)")
+        parsed.append(args)
+
+    code = run_cli(parser.prog, parse)
+    if code:
+        return code
+    args = parsed[0]
+    prog = parser.prog if implicit else f"{parser.prog} {args.command}"
+    return run_cli(prog, lambda: args.func(args), interrupted_hint)
+
+
 def run_cli(prog: str, body: Callable[[], int | None], interrupted_hint: str = "") -> int:
-    """Run ``body()``; a known failure becomes ``prog: error: <one line>`` on stderr and its exit code."""
+    """Run ``body()``; a known failure becomes ``prog: error: <one line>`` on stderr and its exit code (``prog``
+    as the user typed it: :func:`program_name`)."""
+    prog = program_name(prog)
     try:
         return body() or 0
     except Interrupted as exc:

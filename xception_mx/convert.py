@@ -29,7 +29,7 @@ import json
 import os
 import re
 import sys
-from typing import Any
+from typing import Any, Literal, overload
 
 from .console import OneLineParser, run_cli
 from .errors import UserError
@@ -115,7 +115,8 @@ def convert(src: str, out_prefix: str, source: str | None = None) -> dict[str, A
 def _model_for(arrays: dict, source: str, src: str) -> tuple[dict, Preprocess]:
     """The sidecar's model settings and the weights' protocol: an aligned variant (told by its block count) or the
     paper's family (its widths)."""
-    from .aligned import ALIGNED_CONFIGS, block_table
+    from .aligned import block_table
+    from .registry import ALIGNED_CONFIGS
 
     blocks = {int(k.split(".")[2]) for k in arrays if k.startswith("features.blocks.")}
     if not blocks:
@@ -131,7 +132,8 @@ def _model_for(arrays: dict, source: str, src: str) -> tuple[dict, Preprocess]:
 
 def build_model(model: dict, **overrides):
     """The network a sidecar's model settings describe (``name`` for a registered aligned variant)."""
-    from .model import Xception, get_model
+    from .model import Xception
+    from .registry import get_model
 
     kwargs = {**model, **overrides}
     try:
@@ -164,6 +166,14 @@ def _resolve_prefix(path_or_prefix: str) -> str:
         if path_or_prefix.endswith(suffix) and not re.search(r"-\d{4,}\.params$", path_or_prefix):
             return path_or_prefix[: -len(suffix)]
     return path_or_prefix
+
+
+@overload
+def read_sidecar(prefix: str, required: Literal[True] = ...) -> dict: ...
+
+
+@overload
+def read_sidecar(prefix: str, required: bool) -> dict | None: ...
 
 
 def read_sidecar(prefix: str, required: bool = True) -> dict | None:
@@ -223,8 +233,12 @@ def build_pretrained(path_or_prefix: str, **overrides):
 
 # --------------------------------------------------------------------------------------------------------------- CLI
 
+#: The module form; ``xception-convert`` when run as the installed script (``console.program_name``).
+PROG = "python -m xception_mx.convert"
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m xception_mx.convert", allow_abbrev=False, description=(
+    parser = OneLineParser(prog=PROG, allow_abbrev=False, description=(
         "Convert timm legacy_xception (.safetensors/.pth) or Keras Xception (.h5) weights into xception_mx files: "
         "OUT_PREFIX.params (native), OUT_PREFIX-symbol.json + OUT_PREFIX-0000.params (MXNet export, "
         "score.py --epoch 0) and OUT_PREFIX.json (model settings and preprocessing)."))
@@ -249,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"score: {meta['score']}")
         return 0
 
-    return run_cli("xception_mx.convert", body)
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import os
 import sys
 import time
 
-from .console import OneLineParser, run_cli, setup_logging
+from .console import OneLineParser, run_command, setup_logging
 from .cpuinfo import cpu_flags
 from .errors import RunFailed, UserError
 
@@ -207,9 +207,13 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
     return {"out": out_prefix, "features_layer": f"{FEATURES_NAME}_output" if features else None}
 
 
+#: The module form; ``xception-deploy`` when run as the installed script (``console.program_name``).
+PROG = "python -m xception_mx.deploy"
+
+
 def _parser() -> OneLineParser:
-    parser = OneLineParser(prog="xception-deploy", allow_abbrev=False, description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    parser = OneLineParser(prog=PROG, allow_abbrev=False, description=__doc__.split("\n\n")[0])
+    commands = parser.add_commands()
     p = commands.add_parser("int8", help="quantize an export to INT8 (oneDNN, needs VNNI)")
     _common(p)
     p.add_argument("--calib-rec", required=True, help="calibration shards (validation images): prefix, glob or list")
@@ -217,15 +221,18 @@ def _parser() -> OneLineParser:
     p.add_argument("--num-calib-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="OUT_PREFIX of the INT8 export (epoch 0)")
+    p.set_defaults(func=_run_int8)
     p = commands.add_parser("onnx", help="export to ONNX and check it with onnxruntime")
     _common(p)
     p.add_argument("--out", required=True, help="the .onnx file")
     p.add_argument("--dynamic-batch", action="store_true", help="a free batch dimension")
+    p.set_defaults(func=_run_onnx)
     p = commands.add_parser("softmax-head", help="append SoftmaxOutput for MXNet's Module-API tools")
     _common(p)
     p.add_argument("--normalise-inside", action="store_true",
                    help="fold the protocol's mean/std into the graph: it takes 0-255 RGB pixels")
     p.add_argument("--out", required=True, help="OUT_PREFIX of the new export (epoch 0)")
+    p.set_defaults(func=_run_softmax_head)
     return parser
 
 
@@ -234,34 +241,35 @@ def _common(p) -> None:
     p.add_argument("--epoch", type=int, required=True, help="NNNN of PREFIX-NNNN.params")
 
 
+def _run_int8(args) -> int:
+    if args.num_calib_images < 1 or args.batch_size < 1:
+        raise UserError("--num-calib-images and --batch-size must be at least 1")
+    result = quantize_int8(args.model_prefix, args.epoch, args.calib_rec, args.out, args.calib_mode,
+                           args.num_calib_images, args.batch_size)
+    print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
+          f"calibration images, {args.calib_mode}); score it with: score.py --model-prefix {args.out} "
+          f"--epoch 0 --rec VAL_SHARDS")
+    return 0
+
+
+def _run_onnx(args) -> int:
+    result = export_onnx(args.model_prefix, args.epoch, args.out, args.dynamic_batch)
+    print(f"ONNX: {args.out} (max |logit diff| against MXNet {result['max_abs_logit_diff']:.2e}"
+          f"{', dynamic batch' if args.dynamic_batch else ''})")
+    return 0
+
+
+def _run_softmax_head(args) -> int:
+    result = add_softmax_head(args.model_prefix, args.epoch, args.out, normalise_inside=args.normalise_inside)
+    print(f"export with SoftmaxOutput 'softmax': {args.out}-symbol.json, {args.out}-0000.params; pooled "
+          f"features: {result['features_layer'] or 'not named in this export'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """``xception-deploy`` / ``python -m xception_mx.deploy``: 0 on success, 2 on bad input, 1 on a failed check."""
     setup_logging()
-    argv = list(sys.argv[1:] if argv is None else argv)
-
-    def body() -> int:
-        args = _parser().parse_args(argv)
-        if args.command is None:
-            raise UserError("choose a command: int8, onnx or softmax-head (see xception-deploy --help)")
-        if args.command == "int8":
-            if args.num_calib_images < 1 or args.batch_size < 1:
-                raise UserError("--num-calib-images and --batch-size must be at least 1")
-            result = quantize_int8(args.model_prefix, args.epoch, args.calib_rec, args.out, args.calib_mode,
-                                   args.num_calib_images, args.batch_size)
-            print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
-                  f"calibration images, {args.calib_mode}); score it with: score.py --model-prefix {args.out} "
-                  f"--epoch 0 --rec VAL_SHARDS")
-        elif args.command == "onnx":
-            result = export_onnx(args.model_prefix, args.epoch, args.out, args.dynamic_batch)
-            print(f"ONNX: {args.out} (max |logit diff| against MXNet {result['max_abs_logit_diff']:.2e}"
-                  f"{', dynamic batch' if args.dynamic_batch else ''})")
-        else:
-            result = add_softmax_head(args.model_prefix, args.epoch, args.out,
-                                      normalise_inside=args.normalise_inside)
-            print(f"export with SoftmaxOutput 'softmax': {args.out}-symbol.json, {args.out}-0000.params; pooled "
-                  f"features: {result['features_layer'] or 'not named in this export'}")
-        return 0
-
-    return run_cli("xception-deploy", body)
+    return run_command(_parser(), sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -14,29 +14,27 @@ feature extractor under ``features.``; importing timm weights is a rename (BN we
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TypedDict
 
 import mxnet as mx
 from mxnet.gluon import nn
 
-__all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D", "MODEL_CONFIGS",
-           "POOL_PADDINGS", "get_model", "list_models", "MIN_INPUT_SIZE", "count_parameters", "FEATURES_NAME",
-           "stable_name"]
+__all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D",
+           "PAPER_FILTER_LIST", "POOL_PADDINGS", "MIN_INPUT_SIZE", "count_parameters", "FEATURES_NAME", "stable_name",
+           "relu", "CONV_INIT", "DENSE_INIT"]
 
 #: Keras documents 71 px as Xception's smallest input.
 MIN_INPUT_SIZE = 71
 
-#: Registered variants: name -> constructor keyword arguments.
-MODEL_CONFIGS: dict[str, dict] = {
-    # The paper's network: 22,855,952 trainable parameters with 1,000 classes.
-    "xception": {"filter_list": (64, 128, 256, 728, 1024, 1536, 2048)},
-    # Half width from block 2 on (the MXNet example's default): 6,311,180 trainable parameters with 1,000 classes.
-    "xception_slim": {"filter_list": (64, 64, 128, 364, 512, 768, 1024)},
-}
+#: The paper's widths (``Xception``'s default): 22,855,952 trainable parameters with 1,000 classes. The registered
+#: variants (``xception``, ``xception_slim``, the aligned ones) are in :mod:`xception_mx.registry`.
+PAPER_FILTER_LIST = (64, 128, 256, 728, 1024, 1536, 2048)
 
-# He-normal on fan-out for convolutions, as timm's legacy_xception initialises them.
-_CONV_INIT = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
-# Glorot-uniform for the classifier, as Keras initialises Dense kernels.
-_DENSE_INIT = mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
+# The initialisers of both families (this module's and ``aligned.py``'s), defined once here.
+#: He-normal on fan-out for convolutions, as timm's legacy_xception initialises them.
+CONV_INIT = mx.init.Xavier(rnd_type="gaussian", factor_type="out", magnitude=2)
+#: Glorot-uniform for the classifier, as Keras initialises Dense kernels.
+DENSE_INIT = mx.init.Xavier(rnd_type="uniform", factor_type="avg", magnitude=3)
 
 
 def relu(F, x):
@@ -62,7 +60,7 @@ def _batch_norm(channels: int, epsilon: float, momentum: float) -> nn.BatchNorm:
 def _conv(in_channels: int, channels: int, kernel: int, stride: int = 1, padding: int = 0,
           groups: int = 1) -> nn.Conv2D:
     return nn.Conv2D(channels, kernel, strides=stride, padding=padding, groups=groups, use_bias=False,
-                     in_channels=in_channels, weight_initializer=_CONV_INIT)
+                     in_channels=in_channels, weight_initializer=CONV_INIT)
 
 
 class SeparableConv2D(nn.HybridBlock):
@@ -161,6 +159,14 @@ def _max_pool(stride: int, pool_padding: str) -> nn.HybridBlock:
     raise ValueError(f"pool_padding must be one of {', '.join(map(repr, POOL_PADDINGS))}, got {pool_padding!r}")
 
 
+class _BlockOptions(TypedDict):
+    """The keyword arguments every ``XceptionBlock`` of one network shares."""
+
+    bn_epsilon: float
+    bn_momentum: float
+    pool_padding: str
+
+
 class XceptionFeatures(nn.HybridBlock):
     """Stem, entry flow, middle flow and exit flow up to global average pooling: (N, 3, H, W) -> (N, filter_list[6])."""
 
@@ -168,7 +174,7 @@ class XceptionFeatures(nn.HybridBlock):
                  bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
         super().__init__(**kwargs)
         f = _check_filter_list(filter_list)
-        bn = dict(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, pool_padding=pool_padding)
+        bn = _BlockOptions(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, pool_padding=pool_padding)
         with self.name_scope():
             # Entry flow: the stem (3x3 convs, no padding, stride 2 then 1, each with BN and ReLU).
             self.conv1 = _conv(in_channels, f[0] // 2, 3, stride=2)
@@ -215,7 +221,7 @@ class Xception(nn.HybridBlock):
     as Keras does ("same": asymmetric on even sides), for Keras's weights; the default 'symmetric' is timm's.
     """
 
-    def __init__(self, filter_list: Sequence[int] = MODEL_CONFIGS["xception"]["filter_list"],
+    def __init__(self, filter_list: Sequence[int] = PAPER_FILTER_LIST,
                  num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3, bn_epsilon: float = 1e-3,
                  bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
         super().__init__(**kwargs)
@@ -234,7 +240,7 @@ class Xception(nn.HybridBlock):
         return "filter list " + "x".join(map(str, self.filter_list))
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
-        return nn.Dense(num_classes, in_units=self.filter_list[6], weight_initializer=_DENSE_INIT)
+        return nn.Dense(num_classes, in_units=self.filter_list[6], weight_initializer=DENSE_INIT)
 
     def reset_classifier(self, num_classes: int, ctx=None) -> None:
         """Replace the output part with a freshly initialised ``num_classes``-way classifier."""
@@ -268,28 +274,6 @@ def stable_name(F, x, name: str):
         return x
     with mx.name.NameManager():  # outside the block's prefix scope
         return F.identity(x, name=name)
-
-
-def list_models() -> list[str]:
-    """Names accepted by :func:`get_model`: the paper's family and the aligned one (``aligned.ALIGNED_CONFIGS``)."""
-    from .aligned import ALIGNED_CONFIGS
-
-    return sorted(MODEL_CONFIGS) + sorted(ALIGNED_CONFIGS)
-
-
-def get_model(name: str, **overrides) -> nn.HybridBlock:
-    """Build a registered variant; keyword arguments override its config (e.g. ``num_classes=10``)."""
-    from .aligned import ALIGNED_CONFIGS, XceptionAligned, block_table
-
-    if name in ALIGNED_CONFIGS:
-        unknown = sorted(set(overrides) - {"num_classes", "dropout", "in_channels", "bn_epsilon", "bn_momentum"})
-        if unknown:
-            raise ValueError(f"{name} is configured by its block table (xception_mx.aligned.ALIGNED_CONFIGS): "
-                             f"{unknown[0]} applies to {', '.join(sorted(MODEL_CONFIGS))} only")
-        return XceptionAligned(block_table(**ALIGNED_CONFIGS[name]), name=name, **overrides)
-    if name not in MODEL_CONFIGS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(list_models())}")
-    return Xception(**{**MODEL_CONFIGS[name], **overrides})
 
 
 def count_parameters(net: nn.Block) -> tuple[int, int]:

@@ -11,13 +11,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from im2rec_tools.headers import IR_HEADER, PNG_END, PNG_SIGNATURE, image_problem
 from im2rec_tools.recordfile import HEADER_BYTES, MAGIC
 from im2rec_tools.shards import lookup_shards, read_offsets
 
 from .errors import UserError
 
 __all__ = ["find_shards", "as_paths", "check_records", "check_checksums", "count_records", "part_sizes", "EpochPlan",
-           "epoch_plan", "num_train_batches", "check_labels", "read_classes", "image_problem", "derived_seeds"]
+           "epoch_plan", "num_train_batches", "check_labels", "read_classes", "derived_seeds"]
 
 
 def find_shards(spec: str) -> list[str]:
@@ -85,11 +86,6 @@ def check_checksums(rec_paths: str | Sequence[str], verify: bool = False) -> lis
     return unverifiable
 
 
-#: MXNet's IRHeader before each image: flag (u32), label (f32), id (u64), id2 (u64); flag > 0: that many labels.
-_IR_HEADER = struct.Struct("<IfQQ")
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
-
-
 def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str | None:
     """Why the record at ``offset`` would stop a run, or None. Reads its first few KiB (and its last bytes)."""
     f.seek(offset)
@@ -101,62 +97,24 @@ def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str |
     if magic != MAGIC or lrec >> 29 not in (0, 1) or offset + HEADER_BYTES + ((length + 3) & ~3) > size:
         return "is corrupt (bad record header)"
     payload = head[HEADER_BYTES:HEADER_BYTES + length]
-    if len(payload) < _IR_HEADER.size:
+    if len(payload) < IR_HEADER.size:
         return "is too short to hold a label and an image"
-    flag, label = _IR_HEADER.unpack_from(payload)[:2]
+    flag, label = IR_HEADER.unpack_from(payload)[:2]
     if flag == 0 and num_classes is not None and not (0 <= label < num_classes and label == int(label)):
         return f"has label {label:g}, outside 0..{num_classes - 1} (check classes.txt and --num-classes)"
     if lrec >> 29:  # a record split into parts (its payload holds the magic number): not parsed here
         return None
-    start, image_len = offset + HEADER_BYTES + _IR_HEADER.size + 4 * flag, length - _IR_HEADER.size - 4 * flag
-    image = payload[_IR_HEADER.size + 4 * flag:]
+    start, image_len = offset + HEADER_BYTES + IR_HEADER.size + 4 * flag, length - IR_HEADER.size - 4 * flag
+    image = payload[IR_HEADER.size + 4 * flag:]
     problem = image_problem(image, complete=len(image) >= image_len)
     if problem == "incomplete":  # the headers run past what was read: read the whole image
         f.seek(start)
         image = f.read(image_len)
         problem = image_problem(image, complete=True)
-    if problem is None and image[:4] == _PNG[:4]:
-        f.seek(start + image_len - len(_PNG_END))
-        problem = None if f.read(len(_PNG_END)) == _PNG_END else "is a PNG cut off before its end (no IEND chunk)"
+    if problem is None and image[:4] == PNG_SIGNATURE[:4]:
+        f.seek(start + image_len - len(PNG_END))
+        problem = None if f.read(len(PNG_END)) == PNG_END else "is a PNG cut off before its end (no IEND chunk)"
     return problem
-
-
-_PNG = b"\x89PNG\r\n\x1a\n"
-_PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-def image_problem(data: bytes, complete: bool = True) -> str | None:
-    """Why MXNet could not decode these image bytes, from their headers alone, or None; "incomplete" when more of
-    the image is needed to tell. Hand-written: PIL would need the whole image, and this runs over every record at
-    start. OpenCV's decoder (inside ImageRecordIter) returns nothing for a non-image or a JPEG cut off before its scan
-    data, and MXNet then dies with SIGFPE; data damaged inside the scan decodes with a libjpeg warning instead."""
-    if data[:8] == _PNG:
-        ok = len(data) >= 24 and min(struct.unpack(">II", data[16:24])) > 0
-        return None if ok else "holds a PNG whose header gives no size"
-    if data[:2] != b"\xff\xd8":
-        return "holds no decodable image (neither a JPEG nor a PNG)"
-    pos, size = 2, None
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            return "holds a JPEG whose markers are damaged"
-        marker = data[pos + 1]
-        if marker == 0xFF:  # fill byte
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        seg = struct.unpack(">H", data[pos + 2:pos + 4])[0]
-        if marker in _JPEG_SOF and pos + 9 <= len(data):
-            size = struct.unpack(">HH", data[pos + 5:pos + 9])
-            if not min(size):
-                return "holds a JPEG whose header gives no size"
-        if marker == 0xDA:  # start of scan: the compressed data follows
-            return None if size else "holds a JPEG with no frame header before its data"
-        if seg < 2:
-            return "holds a JPEG whose markers are damaged"
-        pos += 2 + seg
-    return "incomplete" if not complete else "holds a JPEG cut off before its image data"
 
 
 def count_records(rec_paths: str | Sequence[str]) -> int:

@@ -47,10 +47,11 @@ from dataclasses import asdict, dataclass
 import mxnet as mx
 from mxnet.gluon import nn
 
-from .aligned import ALIGNED_CONFIGS, EXIT_FLOW, XceptionAligned
+from .aligned import EXIT_FLOW, XceptionAligned
 from .console import OneLineParser, run_cli
 from .errors import UserError
-from .model import MIN_INPUT_SIZE, Xception, get_model, list_models
+from .model import MIN_INPUT_SIZE, Xception
+from .registry import ALIGNED_CONFIGS, get_model, list_models
 
 __all__ = ["STAGES", "Stage", "Summary", "stage_blocks", "layer_macs", "summarize", "format_table", "main",
            "PUBLISHED_XCEPTION_299"]
@@ -270,8 +271,12 @@ def format_table(summary: Summary) -> str:
         *_published_lines(summary)])
 
 
+#: The module form; ``xception-summary`` when run as the installed script (``console.program_name``).
+PROG = "python -m xception_mx.summary"
+
+
 def _parser() -> OneLineParser:
-    parser = OneLineParser(prog="xception_mx.summary", allow_abbrev=False,
+    parser = OneLineParser(prog=PROG, allow_abbrev=False,
                            description="Per-stage shapes, parameters, multiply-adds and training activation memory.")
     parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
     parser.add_argument("--input-size", type=int, default=299, help="square input side in pixels (default 299)")
@@ -282,14 +287,14 @@ def _parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m xception_mx.summary MODEL ...``: 0 on success, 2 on bad input."""
+    """``python -m xception_mx.summary MODEL ...`` / ``xception-summary``: 0 on success, 2 on bad input."""
     def body() -> int:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
         summary = summarize(args.model, args.input_size, args.num_classes, args.batch_size)
         print(json.dumps(summary.to_dict(), indent=2) if args.json else format_table(summary))
         return 0
 
-    return run_cli("xception_mx.summary", body)
+    return run_cli(PROG, body)
 
 
 if __name__ == "__main__":
