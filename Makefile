@@ -23,6 +23,7 @@ ref-venv:
 
 lint: venv
 	$(BIN)/python -m ruff check .
+	$(BIN)/python -m mypy
 
 # The whole suite, lint first: a lint failure stops it before the Horovod build and the parity venv.
 test: venv

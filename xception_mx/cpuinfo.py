@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from collections.abc import MutableMapping
 
 __all__ = ["cpu_flags", "cpu_model", "cpu_line", "enable_amx", "BENCH_FLAGS"]
 
@@ -42,7 +43,7 @@ def cpu_line(path: str = "/proc/cpuinfo") -> str:
 _SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
 
 
-def enable_amx(environ: dict) -> str:
+def enable_amx(environ: MutableMapping[str, str]) -> str:
     """Let oneDNN use AMX for bfloat16 in this process; call before MXNet loads. Returns what was done, for the log.
 
     Workaround: MXNet 1.9.1's oneDNN 2.4 neither asks Linux for AMX's tile state (a process must, since Linux 5.16)

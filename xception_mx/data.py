@@ -55,7 +55,7 @@ def _check_shape(data_shape: Sequence[int]) -> tuple[int, int, int]:
     shape = tuple(int(x) for x in data_shape)
     if len(shape) != 3 or shape[0] not in (1, 3) or min(shape[1:]) < 1:
         raise ValueError(f"data_shape must be (channels 1 or 3, height, width), got {tuple(data_shape)}")
-    return shape  # type: ignore[return-value]
+    return shape  # a tuple[int, int, int] after the length check
 
 
 def _normalisation(mean: Sequence[float], std: Sequence[float]) -> dict[str, float]:

@@ -4,7 +4,7 @@ Importing it loads MXNet and the data iterators, but not the trainer, the distri
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mxnet as mx
 import numpy as np
@@ -17,7 +17,7 @@ from .records import check_labels
 __all__ = ["make_contexts", "evaluate"]
 
 
-def make_contexts(gpus: list[int], cpus: int = 1) -> list[mx.Context]:
+def make_contexts(gpus: Sequence[int], cpus: int = 1) -> list[mx.Context]:
     """GPU contexts for ``gpus``, else ``cpus`` CPU contexts; one line when a GPU is not there."""
     if gpus:
         available = mx.context.num_gpus()

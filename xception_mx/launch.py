@@ -29,8 +29,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from contextlib import suppress
 from dataclasses import dataclass, field
+from typing import Any
 
 from .console import OneLineParser, run_cli
 from .errors import EXIT_FAILED, EXIT_INTERRUPTED, RunFailed, UserError
@@ -69,18 +72,7 @@ def command_argv(command: list[str]) -> list[str]:
     executable or on PATH)."""
     if not command:
         raise UserError("no command to run: put it after --, e.g. -- train_xception.py --kv-store dist_sync ...")
-    if command[0].endswith(".py"):
-        return [sys.executable, *command]
-    return list(command)
-
-
-def _ps_env(role: str, root_uri: str, port: int, workers: int, servers: int, node_host: str,
-            interface: str | None) -> dict[str, str]:
-    env = {"DMLC_ROLE": role, "DMLC_PS_ROOT_URI": root_uri, "DMLC_PS_ROOT_PORT": str(port),
-           "DMLC_NUM_WORKER": str(workers), "DMLC_NUM_SERVER": str(servers), "DMLC_NODE_HOST": node_host}
-    if interface:
-        env["DMLC_INTERFACE"] = interface
-    return env
+    return [sys.executable, *command] if command[0].endswith(".py") else list(command)
 
 
 #: Servers and the scheduler run MXNet's default threaded engine whatever the caller exported (they only sum).
@@ -92,19 +84,28 @@ def _server_argv() -> list[str]:
     return [sys.executable, "-c", "import mxnet"]
 
 
-def plan_local(workers: int, servers: int, command: list[str], port: int | None = None) -> list[Child]:
-    """Scheduler, servers and workers on this machine, all bound to 127.0.0.1."""
+def _ps_plan(workers: int, servers: int, command: list[str], hosts: list[str], port: int,
+             interface: str | None) -> list[Child]:
+    """The scheduler on ``hosts[0]``, servers and workers round-robin over ``hosts``, each with its ps-lite
+    variables (DMLC_INTERFACE when ``interface`` is given; SERVER_ENV for the scheduler and servers)."""
     _check_counts(workers, servers)
-    port = port or free_port()
     argv = command_argv(command)
-    children = [Child("scheduler", 0, "127.0.0.1", _server_argv())]
-    children += [Child("server", i, "127.0.0.1", _server_argv()) for i in range(servers)]
-    children += [Child("worker", i, "127.0.0.1", argv) for i in range(workers)]
+    children = [Child("scheduler", 0, hosts[0], _server_argv())]
+    children += [Child("server", i, hosts[i % len(hosts)], _server_argv()) for i in range(servers)]
+    children += [Child("worker", i, hosts[i % len(hosts)], argv) for i in range(workers)]
     for c in children:
-        c.env = _ps_env(c.role, "127.0.0.1", port, workers, servers, "127.0.0.1", "lo")
+        c.env = {"DMLC_ROLE": c.role, "DMLC_PS_ROOT_URI": hosts[0], "DMLC_PS_ROOT_PORT": str(port),
+                 "DMLC_NUM_WORKER": str(workers), "DMLC_NUM_SERVER": str(servers), "DMLC_NODE_HOST": c.host}
+        if interface:
+            c.env["DMLC_INTERFACE"] = interface
         if c.role != "worker":
             c.env.update(SERVER_ENV)
     return children
+
+
+def plan_local(workers: int, servers: int, command: list[str], port: int | None = None) -> list[Child]:
+    """Scheduler, servers and workers on this machine, all bound to 127.0.0.1."""
+    return _ps_plan(workers, servers, command, ["127.0.0.1"], port or free_port(), "lo")
 
 
 def read_hosts(path: str) -> list[str]:
@@ -112,8 +113,7 @@ def read_hosts(path: str) -> list[str]:
     if not os.path.isfile(path):
         raise UserError(f"--hosts {path!r}: no such file")
     with open(path, encoding="utf-8") as f:
-        hosts = [line.split("#", 1)[0].strip() for line in f]
-    hosts = [h for h in hosts if h]
+        hosts = [h for h in (line.split("#", 1)[0].strip() for line in f) if h]
     if not hosts:
         raise UserError(f"--hosts {path!r} lists no host (one address per line)")
     bad = [h for h in hosts if len(h.split()) != 1]
@@ -129,43 +129,30 @@ def plan_hosts(workers: int, servers: int, command: list[str], hosts: list[str],
     Each remote command changes to ``cwd`` (default: this one), sets the ps-lite variables and runs the command
     under a guard that kills it when the ssh connection closes (so stopping the launcher stops the remote side).
     """
-    _check_counts(workers, servers)
+    children = _ps_plan(workers, servers, command, hosts, port, interface)
     cwd = cwd or os.getcwd()
-    argv = command_argv(command)
-    plan = [("scheduler", 0, hosts[0], _server_argv())]
-    plan += [("server", i, hosts[i % len(hosts)], _server_argv()) for i in range(servers)]
-    plan += [("worker", i, hosts[i % len(hosts)], argv) for i in range(workers)]
-    children = []
-    for role, index, host, inner in plan:
-        env = _ps_env(role, hosts[0], port, workers, servers, host, interface)
-        if role != "worker":
-            env.update(SERVER_ENV)
-        env.update({k: os.environ[k] for k in ("MXNET_ENGINE_TYPE", "OMP_NUM_THREADS") if k in os.environ})
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        body = f"cd {shlex.quote(cwd)} && exec env {exports} {shlex.join(inner)}"
+    for c in children:
+        c.env.update({k: os.environ[k] for k in ("MXNET_ENGINE_TYPE", "OMP_NUM_THREADS") if k in os.environ})
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in c.env.items())
+        body = f"cd {shlex.quote(cwd)} && exec env {exports} {shlex.join(c.argv)}"
         # Run it in the background and watch stdin: when it reaches EOF (the launcher or ssh went away) kill it.
         guarded = (f"exec 3<&0; bash -c {shlex.quote(body)} </dev/null & p=$!; "
                    f"(cat <&3 >/dev/null; kill -TERM $p; sleep 5; kill -KILL $p) >/dev/null 2>&1 & w=$!; "
                    f"wait $p; rc=$?; kill $w 2>/dev/null; exit $rc")
-        children.append(Child(role, index, host, [*ssh, host, guarded]))
+        c.argv, c.env = [*ssh, c.host, guarded], {}  # the variables travel in the remote command
     return children
 
 
-def plan_horovod(workers: int, command: list[str]) -> tuple[list[Child], object]:
-    """``workers`` Horovod (gloo) processes on this machine, and the rendezvous server (127.0.0.1) they meet at.
-
-    The environment is the one ``horovodrun --gloo --network-interfaces lo`` gives its processes.
-    """
+def plan_horovod(workers: int, command: list[str]) -> tuple[list[Child], Any]:  # Any: horovod's RendezvousHTTPServer
+    """``workers`` Horovod (gloo) processes on this machine, and the rendezvous server (127.0.0.1) they meet at;
+    the environment is the one ``horovodrun --gloo --network-interfaces lo`` gives its processes."""
     _check_counts(workers, 1)
     argv = command_argv(command)
     try:
         from horovod.runner.common.util.hosts import get_host_assignments, parse_hosts
         from horovod.runner.http.http_server import RendezvousHandler, RendezvousHTTPServer
     except ImportError as exc:
-        raise UserError(f"--horovod needs horovod ({exc}): run scripts/install_horovod.sh .venv/bin/python") \
-            from None
-    import threading
-
+        raise UserError(f"--horovod needs horovod ({exc}): run scripts/install_horovod.sh .venv/bin/python") from None
     server = RendezvousHTTPServer(("127.0.0.1", 0), RendezvousHandler, 0)
     plan = get_host_assignments(parse_hosts(f"127.0.0.1:{workers}"), workers)
     server.init(plan)
@@ -174,10 +161,9 @@ def plan_horovod(workers: int, command: list[str]) -> tuple[list[Child], object]
     for slot in plan:
         env = {"HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": str(server.server_port),
                "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo", "HOROVOD_GLOO_IFACE": "lo",
-               "NCCL_SOCKET_IFNAME": "lo", "HOROVOD_HOSTNAME": slot.hostname, "HOROVOD_RANK": str(slot.rank),
-               "HOROVOD_SIZE": str(slot.size), "HOROVOD_LOCAL_RANK": str(slot.local_rank),
-               "HOROVOD_LOCAL_SIZE": str(slot.local_size), "HOROVOD_CROSS_RANK": str(slot.cross_rank),
-               "HOROVOD_CROSS_SIZE": str(slot.cross_size)}
+               "NCCL_SOCKET_IFNAME": "lo", "HOROVOD_HOSTNAME": slot.hostname,
+               **{f"HOROVOD_{k.upper()}": str(getattr(slot, k))  # HOROVOD_RANK=slot.rank, ...
+                  for k in ("rank", "size", "local_rank", "local_size", "cross_rank", "cross_size")}}
         children.append(Child("worker", slot.rank, "127.0.0.1", argv, env))
     return children, server
 
@@ -189,21 +175,17 @@ def _check_counts(workers: int, servers: int) -> None:
         raise UserError(f"-s/--num-servers must be >= 1, got {servers} (dist_sync needs a server)")
 
 
-def _kill_group(child: Child, sig: int) -> None:
-    if child.proc is None or child.returncode is not None:
-        return
-    try:
-        os.killpg(child.proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill_group(child: Child, sig: int, ended_too: bool = False) -> None:
+    """Send ``sig`` to the child's process group if it runs (``ended_too``: if it was started)."""
+    if child.proc is not None and (ended_too or child.returncode is None):
+        with suppress(ProcessLookupError, PermissionError):
+            os.killpg(child.proc.pid, sig)
 
 
 def _reap(children: list[Child]) -> None:
     for c in children:
         if c.proc is not None and c.returncode is None:
-            code = c.proc.poll()
-            if code is not None:
-                c.returncode = code
+            c.returncode = c.proc.poll()  # None while it runs
 
 
 def _teardown(children: list[Child], grace: float) -> None:
@@ -219,15 +201,9 @@ def _teardown(children: list[Child], grace: float) -> None:
     for c in children:
         _kill_group(c, signal.SIGKILL)
         if c.proc is not None:
-            try:
+            with suppress(subprocess.TimeoutExpired):
                 c.returncode = c.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                pass
-        if c.proc is not None:  # grandchildren of an exited child still share its process group
-            try:
-                os.killpg(c.proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _kill_group(c, signal.SIGKILL, ended_too=True)  # grandchildren of an exited child still share its group
 
 
 def _log(message: str) -> None:
@@ -247,76 +223,100 @@ def _dies_with(parent: int):
     return arm
 
 
+class _Job:
+    """A job as ``run_job`` watches it: signals received (the first is forwarded), when every worker was first seen
+    succeeded and a server or the scheduler ended (None until then), when it started. Each ``_check_*`` returns
+    the job's exit code when that check ends it, else None."""
+
+    def __init__(self, children: list[Child], timeout: float) -> None:
+        self.children, self.timeout = children, timeout
+        self.workers = [c for c in children if c.role == "worker"]
+        self.signals: list[int] = []
+        self.forwarded = False
+        self.workers_done_at: float | None = None
+        self.servers_done_at: float | None = None
+        self.start = time.time()
+
+    def start_children(self, stdout, stderr) -> None:
+        for c in self.children:
+            c.proc = subprocess.Popen(c.argv, env={**os.environ, **c.env}, stdin=subprocess.PIPE, stdout=stdout,
+                                      stderr=stderr, start_new_session=True, preexec_fn=_dies_with(os.getpid()))
+            _log(f"started {c.name} on {c.host} (pid {c.proc.pid})")
+
+    def watch(self, poll: float) -> int:
+        while True:  # every poll seconds: reap, then the checks in order until one returns the exit code
+            time.sleep(poll)
+            _reap(self.children)
+            for check in (self._check_signals, self._check_workers, self._check_servers, self._check_timeout):
+                if (code := check()) is not None:
+                    return code
+
+    def _check_signals(self) -> int | None:
+        if self.signals and not self.forwarded:
+            self.forwarded = True
+            _log(f"{signal.Signals(self.signals[0]).name}: asking the workers to checkpoint and stop "
+                 f"(again to kill every process)")
+            for w in self.workers:
+                _kill_group(w, self.signals[0])
+        elif len(self.signals) > 1:
+            _log("second signal: killing every process")
+            return EXIT_INTERRUPTED
+        return None
+
+    def _check_workers(self) -> int | None:
+        """0 once every worker has succeeded and the scheduler and servers have ended (by themselves, once every
+        worker has finalised; 30 s at most). Else the first failed worker's code (1 for a signal), or 130 once every
+        worker has ended if it stopped as asked by a forwarded signal (letting the others write and stop too)."""
+        if all(w.returncode == 0 for w in self.workers):
+            self.workers_done_at = self.workers_done_at or time.time()
+            done = all(c.returncode is not None for c in self.children) or time.time() - self.workers_done_at > 30
+            return 0 if done else None
+        w = next((w for w in self.workers if w.returncode not in (None, 0)), None)
+        if w is None:
+            return None
+        code = w.returncode
+        assert code is not None  # w has ended
+        why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+        if not (code == EXIT_INTERRUPTED and self.forwarded):
+            _log(f"{w.name} failed ({why}): stopping every other process")
+            return code if code > 0 else EXIT_FAILED
+        return EXIT_INTERRUPTED if all(x.returncode is not None for x in self.workers) else None
+
+    def _check_servers(self) -> int | None:
+        """A server or the scheduler ends cleanly only after every worker has finalised (the workers are then
+        exiting: give them a moment); any other early end leaves the workers blocked forever."""
+        c = next((c for c in self.children if c.role != "worker" and c.returncode is not None), None)
+        if c is not None and self.workers_done_at is None:  # once every worker succeeded, _check_workers decides
+            self.servers_done_at = self.servers_done_at or time.time()
+            if c.returncode != 0 or time.time() - self.servers_done_at > 30:
+                _log(f"{c.name} ended (exit code {c.returncode}) while workers were running: stopping the job")
+                return EXIT_FAILED
+        return None
+
+    def _check_timeout(self) -> int | None:
+        """--timeout: not once every worker has succeeded (the scheduler and servers then have 30 s to end)."""
+        if self.workers_done_at is None and time.time() - self.start > self.timeout:
+            _log(f"--timeout {self.timeout:g}s reached: stopping every process")
+            return EXIT_TIMEOUT
+        return None
+
+
 def run_job(children: list[Child], timeout: float, grace: float = 5.0, poll: float = 0.1,
             stdout=None, stderr=None) -> int:
     """Start every child, watch them, tear the job down on failure, timeout or a second signal; return the exit
     code: 0 when every worker succeeded, else the first failing worker's code (1 if it had none), 124 on timeout,
     130 when stopped by a signal."""
-    signals: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: signals.append(signum))
+    job = _Job(children, timeout)
+    previous = {s: signal.signal(s, lambda signum, frame: job.signals.append(signum))
                 for s in (signal.SIGINT, signal.SIGTERM)}
-    start = time.time()
-    result: int | None = None
-    workers = [c for c in children if c.role == "worker"]
     try:
-        for c in children:
-            env = {**os.environ, **c.env}
-            c.proc = subprocess.Popen(c.argv, env=env, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                                      start_new_session=True, preexec_fn=_dies_with(os.getpid()))
-            _log(f"started {c.name} on {c.host} (pid {c.proc.pid})")
-        forwarded = False
-        workers_done_at = servers_done_at = None
-        while True:
-            time.sleep(poll)
-            _reap(children)
-            if signals and not forwarded:
-                forwarded = True
-                _log(f"{signal.Signals(signals[0]).name}: asking the workers to checkpoint and stop "
-                     f"(again to kill every process)")
-                for w in workers:
-                    _kill_group(w, signals[0])
-            elif len(signals) > 1:
-                _log("second signal: killing every process")
-                result = EXIT_INTERRUPTED
-                break
-            failed = [w for w in workers if w.returncode not in (None, 0)]
-            if failed:
-                w = failed[0]
-                code = w.returncode
-                why = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-                if not (code == EXIT_INTERRUPTED and forwarded):
-                    _log(f"{w.name} failed ({why}): stopping every other process")
-                    result = code if code > 0 else EXIT_FAILED
-                    break
-                result = EXIT_INTERRUPTED  # stopped as asked: let the others write and stop too
-                if all(x.returncode is not None for x in workers):
-                    break
-            elif all(w.returncode == 0 for w in workers):
-                # The scheduler and servers end by themselves once every worker has finalised.
-                workers_done_at = workers_done_at or time.time()
-                if all(c.returncode is not None for c in children) or time.time() - workers_done_at > 30:
-                    result = 0 if result is None else result
-                    break
-                continue
-            # A server or the scheduler ends cleanly only after every worker has finalised (the workers are then
-            # exiting: give them a moment); any other early end leaves the workers blocked forever.
-            early = [c for c in children if c.role != "worker" and c.returncode is not None]
-            if early:
-                c = early[0]
-                servers_done_at = servers_done_at or time.time()
-                if c.returncode != 0 or time.time() - servers_done_at > 30:
-                    _log(f"{c.name} ended (exit code {c.returncode}) while workers were running: stopping the job")
-                    result = EXIT_FAILED
-                    break
-            if time.time() - start > timeout:
-                _log(f"--timeout {timeout:g}s reached: stopping every process")
-                result = EXIT_TIMEOUT
-                break
+        job.start_children(stdout, stderr)
+        result = job.watch(poll)
     finally:
         _teardown(children, grace)
         for s, handler in previous.items():
             signal.signal(s, handler)
-    _log(f"done in {time.time() - start:.1f}s, exit code {result}")
+    _log(f"done in {time.time() - job.start:.1f}s, exit code {result}")
     return result
 
 
@@ -380,13 +380,10 @@ def _launch(argv: list[str]) -> int:
         if args.num_servers is None:
             raise UserError("-s/--num-servers is required for a dist_sync job (or pass --horovod)")
         servers = _number(args.num_servers, "-s/--num-servers")
-        if args.hosts:
-            hosts = read_hosts(args.hosts)
-            port = _number(args.port or "9091", "--port")
-            children = plan_hosts(workers, servers, command, hosts, port, shlex.split(args.ssh), args.interface)
-        else:
-            port = _number(args.port, "--port") if args.port else free_port()
-            children = plan_local(workers, servers, command, port)
+        hosts = read_hosts(args.hosts) if args.hosts else []
+        port = _number(args.port, "--port") if args.port else 9091 if args.hosts else free_port()
+        children = (plan_hosts(workers, servers, command, hosts, port, shlex.split(args.ssh), args.interface)
+                    if args.hosts else plan_local(workers, servers, command, port))
         where = f"hosts {', '.join(hosts)}" if args.hosts else "127.0.0.1"
         _log(f"{workers} worker(s), {servers} server(s), scheduler port {port} ({where}); timeout {timeout:g}s")
     try:

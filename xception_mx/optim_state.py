@@ -49,7 +49,9 @@ def optimizer_state_arrays(trainer: gluon.Trainer, names: dict) -> tuple[dict, d
     updater = trainer._updaters[0]
     device0 = trainer._contexts[0].device_id
     counts = optimizer._all_index_update_counts.get(device0, {})
-    arrays, layout, update_counts = {}, {}, {}
+    arrays: dict[str, mx.nd.NDArray] = {}
+    layout: dict[str, Any] = {}
+    update_counts: dict[str, int] = {}
     for index, param in enumerate(trainer._params):
         name = names[param]
         if index in updater.states:

@@ -53,7 +53,7 @@ class Progress:
 class StopFlag:
     """Remembers SIGINT/SIGTERM (inside a ``with`` block) so the loop can finish its step and write a checkpoint."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict = {}
 

@@ -7,6 +7,8 @@ device list. A leading constant segment of ``1 + start_epoch * iters_per_epoch``
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from gluoncv.utils.lr_scheduler import LRScheduler, LRSequential
 
 __all__ = ["build_lr_scheduler"]
@@ -14,7 +16,7 @@ __all__ = ["build_lr_scheduler"]
 
 def build_lr_scheduler(mode: str, lr: float, num_epochs: int, iters_per_epoch: int, *, start_epoch: int = 0,
                        warmup_epochs: int = 0, warmup_lr: float = 0.0, decay: float = 0.94, decay_period: int = 2,
-                       step_epochs: list[int] | None = None, power: float = 2.0,
+                       step_epochs: Sequence[int] | None = None, power: float = 2.0,
                        target_lr: float = 0.0) -> LRSequential:
     """The schedule of a run (or a retrain) that starts after ``start_epoch`` epochs and ends at ``num_epochs``.
 

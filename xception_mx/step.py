@@ -36,7 +36,8 @@ class TrainStep:
         self.step_size, self.accumulate, self.clip = step_size, accumulate, clip_grad_norm
         self.precision = precision
         self.params = [p for p in net.collect_params().values() if p.grad_req != "null"]
-        self._sums: list | None = None  # gradient sums of the micro-batches before the last, per param and device
+        # Gradient sums of the micro-batches before the last, per param and device; the first micro-batch fills it.
+        self._sums: list[mx.nd.NDArray] = []
 
     def __call__(self, x: mx.nd.NDArray, target: mx.nd.NDArray, labels: mx.nd.NDArray) -> StepOutput:
         outputs, losses, label_parts = [], [], []
