@@ -9,12 +9,12 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from test_convert import SIZES, TOLERANCE, _ref_run, write_inputs
-from test_train import _cli, base_args
+from helpers import SIZES, TOLERANCE, base_args, ref_run, train_cli, write_inputs
 from xception_mx import get_model, list_models
-from xception_mx.aligned import ALIGNED_CONFIGS, block_table
+from xception_mx.aligned import block_table
 from xception_mx.convert import build_pretrained, load_pretrained, main
 from xception_mx.model import count_parameters
+from xception_mx.registry import ALIGNED_CONFIGS
 
 ALIGNED = ("xception41", "xception65", "xception71")
 #: timm's model card: 26.97M, 39.92M, 42.34M parameters.
@@ -40,7 +40,7 @@ def test_parameter_counts_round_to_the_published_figures(name):
 def test_filter_list_with_an_aligned_model_is_one_line(colour_shards, tmp_path):
     args = base_args(colour_shards, tmp_path / "run", "--num-epochs", "1")
     args[args.index("--model") + 1] = "xception41"
-    result = _cli(args)
+    result = train_cli(args)
     assert result.returncode == 2
     lines = [line for line in result.stderr.strip().splitlines() if line.strip() and not line.startswith("[")]
     assert len(lines) == 1 and "configured by its block table" in lines[0], result.stderr
@@ -53,7 +53,7 @@ def test_trainer_score_and_export_take_an_aligned_name(colour_shards, tmp_path):
                      "--batch-size", "4")
     args[args.index("--model") + 1] = "xception41"
     del args[args.index("--filter-list"):args.index("--filter-list") + 2]
-    result = _cli(args)
+    result = train_cli(args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "training xception41 (aligned, 13 blocks)" in result.stdout
     assert (out / "xception41-symbol.json").is_file() and (out / "xception41-0001.params").is_file()
@@ -69,7 +69,7 @@ def test_trainer_score_and_export_take_an_aligned_name(colour_shards, tmp_path):
 def aligned_reference(tmp_path_factory):
     folder = tmp_path_factory.mktemp("aligned_reference")
     inputs = write_inputs(folder, seed=7)
-    return folder, json.loads(_ref_run("ref_timm_aligned.py", str(folder), *inputs, timeout=1200))
+    return folder, json.loads(ref_run("ref_timm_aligned.py", str(folder), *inputs, timeout=1200))
 
 
 @pytest.mark.parity

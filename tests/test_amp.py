@@ -12,8 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ROOT, needs_cpu_flag
-from test_train import _cli, assert_same_states, base_args, straight_and_resumed
+from helpers import ROOT, assert_same_states, base_args, needs_cpu_flag, straight_and_resumed, train_cli
 from xception_mx.metrics import read_jsonl
 
 needs_bf16 = needs_cpu_flag("avx512_bf16", "--amp bfloat16 is refused on it (oneDNN would emulate bfloat16)")
@@ -145,8 +144,8 @@ def test_bfloat16_resume_with_accumulation_is_bit_exact_and_checkpoints_stay_flo
     # The export is the float32 network (no AMP casts) and an fp32 run can --retrain from the AMP checkpoint.
     symbol = json.loads((straight / "xception_slim-symbol.json").read_text())
     assert not {n["op"] for n in symbol["nodes"]} & {"amp_cast", "amp_multicast"}
-    result = _cli(base_args(colour_shards, resumed, "--retrain", "--model-load-epoch", "2", "--lr", "0.01",
-                            "--amp", "off", "--num-epochs", "3"))
+    result = train_cli(base_args(colour_shards, resumed, "--retrain", "--model-load-epoch", "2", "--lr", "0.01",
+                                 "--amp", "off", "--num-epochs", "3"))
     assert result.returncode == 0, result.stderr[-2000:]
     records = read_jsonl(str(resumed / "metrics.jsonl"))
     assert [r["epoch"] for r in records] == [1, 2, 3]
@@ -159,9 +158,9 @@ def test_the_demo_trained_in_bfloat16_reaches_97_percent(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert made.returncode == 0, made.stderr
     out = tmp_path / "run"
-    trained = _cli(["--config", os.path.join(ROOT, "configs", "demo_digits.yaml"), "--data-dir",
-                    str(tmp_path / "data"), "--output-dir", str(out), "--amp", "bfloat16", "--num-epochs", "4"],
-                   timeout=1500)
+    trained = train_cli(["--config", os.path.join(ROOT, "configs", "demo_digits.yaml"), "--data-dir",
+                         str(tmp_path / "data"), "--output-dir", str(out), "--amp", "bfloat16", "--num-epochs", "4"],
+                        timeout=1500)
     assert trained.returncode == 0, trained.stderr[-2000:]
     records = read_jsonl(str(out / "metrics.jsonl"))
     assert max(r["val_top1"] for r in records) >= 0.97, records

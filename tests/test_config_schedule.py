@@ -16,9 +16,9 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("batch-size: 64\nlr: 0.2\nfilter_list: [8, 8, 16, 16, 24, 24, 32]\nmirror: false\n")
     config = resolve(load_yaml(str(cfg)), parse(["--lr", "0.01", "--gpus", "0,1"]))
-    assert config["batch_size"] == 64 and config["lr"] == 0.01 and config["gpus"] == [0, 1]
-    assert config["filter_list"] == [8, 8, 16, 16, 24, 24, 32] and config["mirror"] is False
-    assert config["wd"] == 1e-5  # untouched default
+    assert config.batch_size == 64 and config.lr == 0.01 and config.gpus == (0, 1)
+    assert config.filter_list == (8, 8, 16, 16, 24, 24, 32) and config.mirror is False
+    assert config.wd == 1e-5  # untouched default
 
 
 @pytest.mark.parametrize("yaml_text, fragment", [
@@ -54,10 +54,10 @@ def test_shipped_configs_resolve():
     for path in paths:
         resolve(load_yaml(path))
     paper = resolve(load_yaml(os.path.join(root, "configs", "xception_imagenet.yaml")))
-    assert (paper["optimizer"], paper["momentum"], paper["lr"], paper["lr_mode"], paper["lr_decay"],
-            paper["lr_decay_period"], paper["wd"], paper["dropout"], paper["input_size"]) == \
+    assert (paper.optimizer, paper.momentum, paper.lr, paper.lr_mode, paper.lr_decay,
+            paper.lr_decay_period, paper.wd, paper.dropout, paper.input_size) == \
         ("sgd", 0.9, 0.045, "exp", 0.94, 2, 1e-5, 0.5, 299)
-    assert paper["ema"] > 0
+    assert paper.ema > 0
 
 
 def lrs(scheduler, iters, epochs):

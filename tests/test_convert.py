@@ -7,7 +7,6 @@ test converts the files here and compares. No reference venv is a failure, not a
 """
 import json
 import os
-import subprocess
 import sys
 import warnings
 
@@ -18,42 +17,11 @@ import pytest
 from mxnet import autograd
 from safetensors.numpy import load_file, save_file
 
+import helpers
+from helpers import SIZES, TOLERANCE, ref_run, write_inputs
 from xception_mx.convert import build_pretrained, load_pretrained, main
 from xception_mx.model import KerasSameMaxPool2D, Xception
 from xception_mx.weight_formats import read_timm, timm_to_params
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REF_DIR = os.path.join(ROOT, "tests", "reference")
-REF_PYTHON = os.environ.get("XCEPTION_MX_REF_PYTHON", os.path.join(ROOT, ".venv-ref", "bin", "python"))
-TOLERANCE = 1e-4
-#: 299: Keras's block-2 pool sees 74 px (even: asymmetric "same" padding). 165 x 150: every pool input side is even
-#: in H (80, 40, 20, 10) and three of four in W (72, 36, 18, 9), so the asymmetric case dominates.
-SIZES = {"x299": (299, 299), "x165x150": (165, 150)}
-
-
-def _ref_run(script: str, *args: str, timeout: int = 900) -> str:
-    if not os.access(REF_PYTHON, os.X_OK):
-        pytest.fail(f"reference venv missing ({REF_PYTHON}): build it with `bash scripts/setup_ref_venv.sh` "
-                    f"(`make test` does), or point XCEPTION_MX_REF_PYTHON at a python with torch, timm, keras, h5py",
-                    pytrace=False)
-    env = {**os.environ, "KERAS_BACKEND": "torch"}
-    proc = subprocess.run([REF_PYTHON, os.path.join(REF_DIR, script), *args], capture_output=True, text=True,
-                          env=env, timeout=timeout)
-    if proc.returncode != 0:
-        pytest.fail(f"{script} failed in the reference venv ({REF_PYTHON}); rebuild it with "
-                    f"`bash scripts/setup_ref_venv.sh`:\n{proc.stderr[-3000:]}", pytrace=False)
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def write_inputs(folder, seed: int) -> list[str]:
-    """Two random images in [-1, 1] at each of SIZES, as NAME.npy files for the reference scripts."""
-    rng = np.random.RandomState(seed)
-    inputs = []
-    for name, (h, w) in SIZES.items():
-        path = str(folder / f"{name}.npy")
-        np.save(path, rng.uniform(-1, 1, (2, 3, h, w)).astype(np.float32))
-        inputs.append(path)
-    return inputs
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +29,8 @@ def reference(tmp_path_factory):
     """Reference weight files and logits from timm and Keras (random weights, shared inputs in [-1, 1])."""
     folder = tmp_path_factory.mktemp("reference")
     inputs = write_inputs(folder, seed=42)
-    summary = {"timm": json.loads(_ref_run("ref_timm.py", str(folder), *inputs)),
-               "keras": json.loads(_ref_run("ref_keras.py", str(folder), *inputs))}
+    summary = {"timm": json.loads(ref_run("ref_timm.py", str(folder), *inputs)),
+               "keras": json.loads(ref_run("ref_keras.py", str(folder), *inputs))}
     return folder, summary
 
 
@@ -111,7 +79,7 @@ def test_pth_and_cadene_files_read_like_safetensors(reference, tmp_path):
     expected = timm_to_params(read_timm(str(folder / "timm.safetensors"))).arrays
     for name in ("timm.pth", "cadene.pth"):
         out = tmp_path / f"{name}.npz"
-        assert int(_ref_run("read_with_converter.py", str(folder / name), str(out))) == 236
+        assert int(ref_run("read_with_converter.py", str(folder / name), str(out))) == 236
         got = dict(np.load(out))
         assert sorted(got) == sorted(expected), name
         for key, value in expected.items():
@@ -166,7 +134,7 @@ def _assert_one_line_failure(capsys, argv, *needles):
     before = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("xception_mx.convert: error: "), err
+    assert err.count("\n") == 1 and err.startswith("python -m xception_mx.convert: error: "), err
     for needle in needles:
         assert needle in err, err
     after = set(os.listdir(out_dir)) if os.path.isdir(out_dir) else set()
@@ -244,9 +212,9 @@ def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
 
 
 def test_missing_reference_venv_fails_with_the_build_command(monkeypatch):
-    monkeypatch.setitem(globals(), "REF_PYTHON", "/nonexistent/.venv-ref/bin/python")
+    monkeypatch.setattr(helpers, "REF_PYTHON", "/nonexistent/.venv-ref/bin/python")
     with pytest.raises(pytest.fail.Exception, match="bash scripts/setup_ref_venv.sh"):
-        _ref_run("ref_timm.py")
+        ref_run("ref_timm.py")
 
 
 def _keras_same_pool(x: np.ndarray) -> np.ndarray:

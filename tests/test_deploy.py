@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_FILTERS
+from helpers import ROOT, TINY_FILTERS
 from xception_mx import get_model
 from xception_mx.deploy import main as deploy_main
 
@@ -179,10 +179,10 @@ def test_bad_deploy_input_is_one_line_and_writes_nothing(digits, tmp_path, case,
 
 
 def test_the_trainer_writes_softmax_head_exports_when_asked(colour_shards, tmp_path):
-    from test_train import _cli, base_args
+    from helpers import base_args, train_cli
 
     out = tmp_path / "run"
-    assert _cli(base_args(colour_shards, out, "--num-epochs", "1", "--softmax-head")).returncode == 0
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "1", "--softmax-head")).returncode == 0
     sym, args, aux = mx.model.load_checkpoint(str(out / "xception_slim-softmax"), 1)
     assert "softmax_label" in sym.list_arguments()
     mod = mx.mod.Module(sym, label_names=("softmax_label",), context=mx.cpu())

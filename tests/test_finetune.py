@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from test_train import _cli, base_args, run, state_params
+from helpers import base_args, run, state_params, train_cli
 from xception_mx.finetune import read_weights
 
 pytestmark = pytest.mark.slow  # every test uses the module's training run
@@ -49,7 +49,7 @@ def test_bad_pretrained_is_one_line(colour_shards, pretrained, tmp_path, case, f
     else:
         args[args.index("--filter-list") + 1] = "8,8,16,16,24,24,48"
         args += ["--pretrained", str(pretrained)]
-    result = _cli(args)
+    result = train_cli(args)
     assert result.returncode == 2
     lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
     assert len(lines) == 1 and fragment in lines[0], result.stderr

@@ -182,7 +182,7 @@ def test_interrupted_pack_leaves_no_partial_shard_and_rerun_finishes(tmp_path, c
     monkeypatch.setattr(packing, "_encode_task", interrupt_in_second_shard)
     code, _, err = run(capsys, *args)
     assert code == 130 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("im2rec-tools pack: interrupted;")  # after the progress bar
+    assert err.strip().splitlines()[-1].startswith("python -m im2rec_tools pack: interrupted;")  # after the bar
     present = sorted(os.listdir(tmp_path))
     assert "p-00000-of-00003.idx" in present and "p-00001-of-00003.rec" not in present
     assert not [n for n in present if n.endswith(".tmp")]
@@ -310,7 +310,7 @@ def test_console_entry_point_reports_errors_without_traceback(tmp_path):
                             env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [
-        f"im2rec-tools verify: error: no shards for prefix {str(tmp_path / 'none')!r}: looked for "
+        f"python -m im2rec_tools verify: error: no shards for prefix {str(tmp_path / 'none')!r}: looked for "
         f"{tmp_path / 'none'}-NNNNN-of-NNNNN.rec and {tmp_path / 'none'}.rec"]
 
 

@@ -11,8 +11,9 @@ import sys
 import pytest
 import yaml
 
-from conftest import ROOT
+from helpers import ROOT
 from xception_mx.errors import UserError
+from xception_mx.manifest import Manifest, ScheduleOrigin
 from xception_mx.plan import plan_run
 from xception_mx.runfolder import RunFolder
 
@@ -35,7 +36,7 @@ def make_run(folder, epochs=(1, 2), partial_after=None, prefix="xception_slim", 
                     "schedule": schedule, "optimizer": {}, "best": None}
         if epoch is None:
             manifest["in_progress"] = {"epoch": partial_after + 1, "batches_done": 2}
-        run.write_manifest(epoch, manifest)
+        run.write_manifest(epoch, Manifest.from_json(manifest))
     return run
 
 
@@ -48,8 +49,8 @@ def test_fresh_run_takes_the_file_then_the_flags(tmp_path):
     cfg.write_text(yaml.safe_dump({"lr": 0.2, "batch_size": 64, "model": "xception_slim", "warmup_epochs": 2}))
     p = plan("--config", str(cfg), "--lr", "0.1", "--output-dir", str(tmp_path / "run"))
     assert p.resume is None and not p.retrain and p.start_epoch == 0
-    assert (p.config["lr"], p.config["batch_size"]) == (0.1, 64)
-    assert p.schedule == {"start_epoch": 0, "lr": 0.1, "warmup_epochs": 2}
+    assert (p.config.lr, p.config.batch_size) == (0.1, 64)
+    assert p.schedule == ScheduleOrigin(0, 0.1, 2)
     assert p.folder.prefix == "xception_slim" and p.engine == "NaiveEngine"
 
 
@@ -57,8 +58,8 @@ def test_resume_with_only_the_folder_continues_the_saved_run(tmp_path):
     make_run(tmp_path / "run", epochs=(1, 2))
     p = plan("--output-dir", str(tmp_path / "run"), "--resume")
     assert p.resume.epoch == 2 and not p.resume.partial and not p.retrain
-    assert {k: p.config[k] for k in SAVED} == SAVED  # model, schedule, batch: the manifest's
-    assert p.schedule == {"start_epoch": 0, "lr": 0.05, "warmup_epochs": 1}
+    assert {k: getattr(p.config, k) for k in SAVED} == SAVED  # model, schedule, batch: the manifest's
+    assert p.schedule == ScheduleOrigin(0, 0.05, 1)
     assert p.folder.prefix == "xception_slim"  # found in the folder, not the default model's name
 
 
@@ -66,7 +67,7 @@ def test_resume_takes_the_mid_epoch_checkpoint_after_the_latest_epoch(tmp_path):
     make_run(tmp_path / "run", epochs=(1,), partial_after=1)
     p = plan("--output-dir", str(tmp_path / "run"), "--resume")
     assert p.resume.partial and p.resume.epoch == 1
-    assert p.resume.manifest["in_progress"]["batches_done"] == 2
+    assert p.resume.manifest.in_progress.batches_done == 2
     older = plan("--output-dir", str(tmp_path / "run"), "--resume", "1")  # an explicit epoch: the epoch itself
     assert not older.resume.partial and older.resume.epoch == 1
 
@@ -74,7 +75,7 @@ def test_resume_takes_the_mid_epoch_checkpoint_after_the_latest_epoch(tmp_path):
 def test_model_load_epoch_alone_is_a_resume_of_that_epoch(tmp_path):
     make_run(tmp_path / "run", epochs=(1, 2))
     p = plan("--output-dir", str(tmp_path / "run"), "--model-load-epoch", "1")
-    assert p.resume.epoch == 1 and not p.retrain and p.schedule["start_epoch"] == 0
+    assert p.resume.epoch == 1 and not p.retrain and p.schedule.start_epoch == 0
 
 
 def test_retrain_starts_a_new_schedule_on_the_saved_config(tmp_path):
@@ -82,8 +83,8 @@ def test_retrain_starts_a_new_schedule_on_the_saved_config(tmp_path):
     p = plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "1", "--lr", "0.007",
              "--batch-size", "32")
     assert p.retrain and p.resume.epoch == 1
-    assert p.schedule == {"start_epoch": 1, "lr": 0.007, "warmup_epochs": 0}
-    assert p.config["lr_mode"] == "cosine" and p.config["batch_size"] == 32 and p.config["seed"] == 3
+    assert p.schedule == ScheduleOrigin(1, 0.007, 0)
+    assert p.config.lr_mode == "cosine" and p.config.batch_size == 32 and p.config.seed == 3
 
 
 def test_a_retrained_run_resumes_with_the_printed_command(tmp_path):
@@ -95,7 +96,7 @@ def test_a_retrained_run_resumes_with_the_printed_command(tmp_path):
     manifest["config"].update(retrain=True, model_load_epoch=1)
     json.dump(manifest, open(manifest_path, "w"))
     p = plan("--output-dir", str(tmp_path / "run"), "--resume")
-    assert p.resume.epoch == 2 and not p.retrain and p.schedule == branch
+    assert p.resume.epoch == 2 and not p.retrain and p.schedule == ScheduleOrigin.from_dict(branch)
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -127,7 +128,7 @@ def test_resume_accepts_unchanged_values_more_epochs_and_other_devices(tmp_path)
     cfg = tmp_path / "same.yaml"
     cfg.write_text(yaml.safe_dump({**SAVED, "output_dir": str(tmp_path / "run")}))
     p = plan("--config", str(cfg), "--resume", "--lr", "0.05", "--num-epochs", "9", "--cpus", "2")
-    assert p.config["num_epochs"] == 9 and p.config["cpus"] == 2 and p.resume.epoch == 2
+    assert p.config.num_epochs == 9 and p.config.cpus == 2 and p.resume.epoch == 2
 
 
 @pytest.mark.parametrize("setup, argv, fragment", [
@@ -185,7 +186,7 @@ def test_bfloat16_needs_the_cpu_instructions(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="lacks bfloat16 instructions .* --amp off"):
         plan("--output-dir", str(tmp_path / "run"), "--amp", "bfloat16")
     monkeypatch.setattr(plan_module, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
-    assert plan("--output-dir", str(tmp_path / "run"), "--amp", "bfloat16").config["amp"] == "bfloat16"
+    assert plan("--output-dir", str(tmp_path / "run"), "--amp", "bfloat16").config.amp == "bfloat16"
 
 
 def test_a_retrain_may_switch_precision_and_an_old_dtype_key_is_read(tmp_path, monkeypatch):
@@ -193,10 +194,10 @@ def test_a_retrain_may_switch_precision_and_an_old_dtype_key_is_read(tmp_path, m
 
     monkeypatch.setattr(plan_module, "cpu_flags", lambda: {"avx512_bf16"})
     make_run(tmp_path / "run", config={"dtype": "float32"})  # a run saved before --amp existed
-    assert plan("--output-dir", str(tmp_path / "run"), "--resume").config["amp"] == "off"
+    assert plan("--output-dir", str(tmp_path / "run"), "--resume").config.amp == "off"
     p = plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "2", "--lr", "0.01",
              "--amp", "bfloat16")
-    assert p.retrain and p.config["amp"] == "bfloat16"
+    assert p.retrain and p.config.amp == "bfloat16"
 
 
 def test_shards_and_record_headers_are_checked_in_the_plan(colour_shards, tmp_path):

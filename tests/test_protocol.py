@@ -1,22 +1,16 @@
 """One preprocessing protocol: written beside every export, read by score.py and predict; scoring stays light."""
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT, score_cli
 from xception_mx import data
 from xception_mx.convert import main as convert_main
 from xception_mx.errors import UserError
 from xception_mx.protocol import Preprocess
-
-
-def score_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=240, cwd=ROOT)
 
 
 def test_importing_score_loads_neither_the_trainer_nor_the_distributed_engine_nor_gluoncv():

@@ -2,8 +2,6 @@
 import csv
 import json
 import os
-import subprocess
-import sys
 
 import cv2
 import mxnet as mx
@@ -11,18 +9,13 @@ import numpy as np
 import pytest
 from mxnet import gluon
 
-from conftest import ROOT, TINY_FILTERS
+from helpers import TINY_FILTERS, score_cli
 from xception_mx.metrics import read_jsonl
 from xception_mx.plan import plan_run
 from xception_mx.train import Trainer
 
 COLOURS = np.array([(220, 40, 40), (40, 200, 40), (40, 40, 220), (230, 230, 230), (200, 200, 30), (30, 200, 200)],
                    dtype=np.float32)
-
-
-def score_cli(*args, timeout=240):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "score.py"), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
 def nearest_colour_export(prefix):

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers import ROOT
 from xception_mx import get_model, list_models
-from xception_mx.model import MODEL_CONFIGS, count_parameters
+from xception_mx.model import count_parameters
+from xception_mx.registry import MODEL_CONFIGS
 from xception_mx.summary import STAGES, layer_macs, main, summarize
 
 
@@ -117,7 +118,7 @@ def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith("xception_mx.summary: error: ") and message in captured.err
+    assert captured.err.startswith("python -m xception_mx.summary: error: ") and message in captured.err
     assert captured.err.count("\n") == 1
 
 
@@ -126,4 +127,4 @@ def test_module_entry_point_unknown_model():
                           cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("xception_mx.summary: error: unknown model 'nope'")
+    assert len(lines) == 1 and lines[0].startswith("python -m xception_mx.summary: error: unknown model 'nope'")

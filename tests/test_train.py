@@ -1,69 +1,32 @@
 """The trainer: learning, multi-device equivalence, bit-exact resume, retrain, device changes, crash safety, errors."""
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import mxnet as mx
 import numpy as np
 import pytest
 from mxnet import gluon
 
-from conftest import ROOT, TINY_FILTERS
-from xception_mx.checkpoint import load_state
+from helpers import (
+    ROOT,
+    assert_same_states,
+    base_args,
+    no_bn_net,
+    popen_train,
+    run,
+    signal_at_line,
+    state_params,
+    straight_and_resumed,
+    strip_times,
+    train_cli,
+)
 from xception_mx.metrics import read_jsonl
-from xception_mx.plan import plan_run
 from xception_mx.runfolder import RunFolder
 from xception_mx.step import train_step
-from xception_mx.train import Trainer
-
-TIME_KEYS = ("samples_per_sec", "time_s")
-
-
-def base_args(shards, out, *extra):
-    return ["--train-rec", str(shards / "train"), "--val-rec", str(shards / "val"), "--num-classes", "4",
-            "--model", "xception_slim", "--filter-list", ",".join(map(str, TINY_FILTERS)), "--input-size", "72",
-            "--batch-size", "16", "--num-epochs", "2", "--optimizer", "nag", "--lr", "0.05", "--lr-mode", "cosine",
-            "--wd", "1e-4", "--min-area", "0.5", "--preprocess-threads", "2", "--dropout", "0.2",
-            "--bn-momentum", "0.5", "--output-dir", str(out), "--log-interval", "2", *extra]
-
-
-def run(args):
-    return Trainer(plan_run(args)).fit()
-
-
-def state_params(out, epoch, prefix="xception_slim"):
-    return {k: v.asnumpy() for k, v in load_state(RunFolder(str(out), prefix), epoch).items()}
-
-
-def assert_same_states(a_dir, b_dir, epoch, prefix="xception_slim") -> dict:
-    """Two runs' checkpoints of ``epoch`` hold the same arrays, bit for bit; returns the first's."""
-    a, b = state_params(a_dir, epoch, prefix), state_params(b_dir, epoch, prefix)
-    assert sorted(a) == sorted(b)
-    for key in a:
-        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-    return a
-
-
-def straight_and_resumed(shards, tmp_path, *extra):
-    """A 2-epoch run, and a copy "crashed" after epoch 1 (epoch 2's checkpoint removed) resumed in a new process."""
-    straight = tmp_path / "straight"
-    result = _cli(base_args(shards, straight, *extra))
-    assert result.returncode == 0, result.stderr[-2000:]
-    resumed = tmp_path / "resumed"
-    shutil.copytree(straight, resumed)
-    RunFolder(str(resumed), "xception_slim").remove(2)
-    result = _cli(base_args(shards, resumed, *extra, "--resume"))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return straight, resumed
-
-
-def strip_times(records):
-    return [{k: v for k, v in r.items() if k not in TIME_KEYS} for r in records]
 
 
 @pytest.mark.slow
@@ -84,27 +47,18 @@ def test_loss_decreases_and_files_are_written(colour_shards, tmp_path):
     assert best["val_top1"] == max(r["val_top1"] for r in records)
 
 
-def _no_bn_net(ctx):
-    net = gluon.nn.HybridSequential()
-    net.add(gluon.nn.Conv2D(4, 3, in_channels=3), gluon.nn.Activation("relu"), gluon.nn.GlobalAvgPool2D(),
-            gluon.nn.Dense(3, in_units=4))
-    mx.random.seed(3)
-    net.initialize(mx.init.Xavier(), ctx=ctx)
-    return net
-
-
 def test_two_devices_match_one_device_on_the_same_global_batch():
     x = mx.nd.random.uniform(-1, 1, shape=(8, 3, 12, 12))
     y = mx.nd.array([0, 1, 2, 0, 1, 2, 0, 1])
     params = []
     for ctx in ([mx.cpu(0)], [mx.cpu(0), mx.cpu(1)]):
-        net = _no_bn_net(ctx)
+        net = no_bn_net(ctx)
         trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.5, "momentum": 0.9},
                                 kvstore="device", update_on_kvstore=False)
         for _ in range(3):
             train_step(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), x, y, ctx, 8)
         params.append([p.data(ctx[-1]).asnumpy() for p in net.collect_params().values()])
-    initial = _no_bn_net([mx.cpu(0)])
+    initial = no_bn_net([mx.cpu(0)])
     assert not np.allclose(params[0][0], list(initial.collect_params().values())[0].data().asnumpy())
     for one, two in zip(*params):
         np.testing.assert_allclose(two, one, rtol=1e-5, atol=1e-6)
@@ -148,10 +102,10 @@ def test_retrain_starts_at_the_new_lr_and_loads_weights(colour_shards, tmp_path)
 @pytest.mark.slow
 def test_model_load_epoch_without_retrain_is_resume(colour_shards, tmp_path):
     out = tmp_path / "run"
-    assert _cli(base_args(colour_shards, out, "--num-epochs", "2")).returncode == 0
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "2")).returncode == 0
     before = read_jsonl(str(out / "metrics.jsonl"))
     RunFolder(str(out), "xception_slim").remove(2)
-    result = _cli(base_args(colour_shards, out, "--num-epochs", "2", "--model-load-epoch", "1"))
+    result = train_cli(base_args(colour_shards, out, "--num-epochs", "2", "--model-load-epoch", "1"))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resuming from the end of epoch 1" in result.stdout
     assert strip_times(read_jsonl(str(out / "metrics.jsonl"))) == strip_times(before)
@@ -172,11 +126,6 @@ def test_resume_on_fewer_devices_keeps_the_schedule(colour_shards, tmp_path):
     manifest = json.loads((moved / "xception_slim-0003.state.json").read_text())
     assert manifest["optimizer"]["num_update"] == 3 * 4
     assert manifest["config"]["cpus"] == 1
-
-
-def _cli(args, timeout=240):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train_xception.py"), *args], capture_output=True,
-                          text=True, timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.slow
@@ -203,7 +152,7 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_epoch(colo
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert RunFolder(str(out), "xception_slim").epochs() == [1]
     epoch1 = state_params(out, 1)
-    resumed = _cli(base_args(colour_shards, out, "--resume"))
+    resumed = train_cli(base_args(colour_shards, out, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from the end of epoch 1" in resumed.stdout
     assert RunFolder(str(out), "xception_slim").epochs() == [1, 2]
@@ -216,21 +165,15 @@ def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_epoch(colo
 def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_path):
     out = tmp_path / "run"
     args = base_args(colour_shards, out, "--num-epochs", "1", "--log-interval", "1")
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_xception.py"), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    for line in proc.stdout:
-        if "[1/4]" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline
+    proc = popen_train(args)
+    signal_at_line(proc, "[1/4]", signal.SIGTERM, timeout=180)
     stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130, stderr[-2000:]
     assert "--resume" in stderr.strip().splitlines()[-1]
     partial = RunFolder(str(out), "xception_slim").partial_manifest()
-    assert partial is not None and partial["in_progress"]["batches_done"] in (1, 2, 3)
+    assert partial is not None and partial.in_progress.batches_done in (1, 2, 3)
     # The command the message suggests, nothing more: the saved config supplies the rest.
-    resumed = _cli(["--output-dir", str(out), "--resume"])
+    resumed = train_cli(["--output-dir", str(out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from epoch 1, batch" in resumed.stdout
     assert RunFolder(str(out), "xception_slim").epochs() == [1]
@@ -298,7 +241,7 @@ def test_bad_input_is_one_clear_line(case, fragment, colour_shards, tmp_path):
         run(args)
     (out / "keep.txt").write_text("user data")
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    result = _cli(args)
+    result = train_cli(args)
     assert result.returncode != 0
     lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
     assert len(lines) == 1, result.stderr

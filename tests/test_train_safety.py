@@ -5,7 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
-from test_train import _cli, base_args, state_params, strip_times
+from helpers import base_args, state_params, strip_times, train_cli
 from xception_mx.metrics import read_jsonl
 from xception_mx.runfolder import RunFolder
 
@@ -17,11 +17,11 @@ def test_adam_with_mixup_resumes_bit_exact(colour_shards, tmp_path):
     extra = ("--optimizer", "adam", "--lr", "0.002", "--mixup", "0.4", "--no-wd-bn-bias", "--lr-mode", "exp",
              "--lr-decay", "0.5", "--lr-decay-period", "1")
     straight = tmp_path / "straight"
-    assert _cli(base_args(colour_shards, straight, *extra)).returncode == 0
+    assert train_cli(base_args(colour_shards, straight, *extra)).returncode == 0
     resumed = tmp_path / "resumed"
     shutil.copytree(straight, resumed)
     RunFolder(str(resumed), "xception_slim").remove(2)
-    result = _cli(["--output-dir", str(resumed), "--resume"])
+    result = train_cli(["--output-dir", str(resumed), "--resume"])
     assert result.returncode == 0, result.stderr[-2000:]
     a, b = state_params(straight, 2), state_params(resumed, 2)
     assert any(k.endswith(".1") for k in a if k.startswith("optim/"))  # Adam's (mean, var) pairs
@@ -36,7 +36,7 @@ def test_adam_with_mixup_resumes_bit_exact(colour_shards, tmp_path):
 
 def test_keep_last_keeps_the_best_epoch(colour_shards, tmp_path):
     out = tmp_path / "run"
-    assert _cli(base_args(colour_shards, out, "--num-epochs", "4", "--keep-last", "1")).returncode == 0
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "4", "--keep-last", "1")).returncode == 0
     best = json.loads((out / "best.json").read_text())["epoch"]
     assert RunFolder(str(out), "xception_slim").epochs() == sorted({best, 4})
     assert (out / "xception_slim-symbol.json").is_file()
@@ -44,10 +44,10 @@ def test_keep_last_keeps_the_best_epoch(colour_shards, tmp_path):
 
 def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(colour_shards, tmp_path):
     out = tmp_path / "run"
-    assert _cli(base_args(colour_shards, out, "--num-epochs", "1")).returncode == 0
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "1")).returncode == 0
     epoch1 = state_params(out, 1)
-    result = _cli(["--output-dir", str(out), "--retrain", "--model-load-epoch", "1", "--num-epochs", "3",
-                   "--lr", "3e38", "--lr-mode", "exp"])
+    result = train_cli(["--output-dir", str(out), "--retrain", "--model-load-epoch", "1", "--num-epochs", "3",
+                        "--lr", "3e38", "--lr-mode", "exp"])
     assert result.returncode == 1
     lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
     assert len(lines) == 1 and "loss is not finite at epoch 2" in lines[0], result.stderr
@@ -59,12 +59,12 @@ def test_non_finite_loss_stops_and_names_the_last_good_checkpoint(colour_shards,
 
 def test_resume_refuses_a_new_schedule(colour_shards, tmp_path):
     out = tmp_path / "run"
-    assert _cli(base_args(colour_shards, out, "--num-epochs", "1")).returncode == 0
-    result = _cli(["--output-dir", str(out), "--resume", "--num-epochs", "2", "--lr", "0.5"])
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "1")).returncode == 0
+    result = train_cli(["--output-dir", str(out), "--resume", "--num-epochs", "2", "--lr", "0.5"])
     assert result.returncode == 2
     lines = [l for l in result.stderr.strip().splitlines() if l.strip() and not l.startswith("[")]
     assert len(lines) == 1 and "--lr with --resume" in lines[0] and "--retrain" in lines[0]
     # The same value as saved is no change, and --num-epochs may grow.
-    again = _cli(["--output-dir", str(out), "--resume", "--num-epochs", "2", "--lr", "0.05"])
+    again = train_cli(["--output-dir", str(out), "--resume", "--num-epochs", "2", "--lr", "0.05"])
     assert again.returncode == 0, again.stderr[-2000:]
     assert RunFolder(str(out), "xception_slim").epochs() == [1, 2]

@@ -5,8 +5,6 @@ import os
 import shutil
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import mxnet as mx
@@ -14,8 +12,7 @@ import numpy as np
 import pytest
 from mxnet import gluon
 
-from conftest import ROOT
-from test_train import _cli, _no_bn_net, assert_same_states, base_args
+from helpers import assert_same_states, base_args, no_bn_net, popen_train, signal_at_line, train_cli
 from xception_mx.errors import UserError
 from xception_mx.plan import plan_run
 from xception_mx.runfolder import RunFolder
@@ -25,7 +22,7 @@ from xception_mx.step import TrainStep
 def _updates(accumulate, ctx, updates=3, clip=0.0):
     """Parameters after ``updates`` NAG updates of a 16-image batch (no BatchNorm, no dropout)."""
     rng = np.random.RandomState(0)
-    net = _no_bn_net(ctx)
+    net = no_bn_net(ctx)
     trainer = gluon.Trainer(net.collect_params(), "nag", {"learning_rate": 0.5, "momentum": 0.9, "wd": 1e-3},
                             kvstore="device", update_on_kvstore=False)
     step = TrainStep(net, trainer, gluon.loss.SoftmaxCrossEntropyLoss(), ctx, 16, accumulate, clip)
@@ -45,7 +42,7 @@ def test_accumulating_micro_batches_equals_the_whole_batch(ctx):
         assert updates == whole_updates == 3  # one optimizer update (and schedule step) per batch
         for a, b in zip(whole, parts):
             np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-    initial = [p.data(ctx[-1]).asnumpy() for p in _no_bn_net(ctx).collect_params().values()]
+    initial = [p.data(ctx[-1]).asnumpy() for p in no_bn_net(ctx).collect_params().values()]
     assert not np.allclose(whole[0], initial[0])  # the updates did move the weights
 
 
@@ -81,7 +78,7 @@ def test_accumulation_must_split_the_batch(colour_shards, tmp_path):
         from xception_mx.train import Trainer
 
         plan = plan_run(base_args(colour_shards, tmp_path / "run"))  # the trainer checks it again per worker
-        Trainer(dataclasses.replace(plan, config={**plan.config, "accumulate": 3}))
+        Trainer(dataclasses.replace(plan, config=plan.config.replace(accumulate=3)))
 
 
 def test_an_unwritable_tensorboard_folder_is_one_line(tmp_path):
@@ -105,23 +102,16 @@ def test_tensorboard_without_the_extra_is_one_line(tmp_path, monkeypatch):
 def test_resume_in_the_middle_of_an_accumulating_run_is_bit_exact(colour_shards, tmp_path):
     args = ("--accumulate", "2", "--dropout", "0", "--ema", "0.7", "--log-interval", "1", "--clip-grad-norm", "0.5")
     straight = tmp_path / "straight"
-    assert _cli(base_args(colour_shards, straight, *args)).returncode == 0
+    assert train_cli(base_args(colour_shards, straight, *args)).returncode == 0
     stopped = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_xception.py"),
-                             *base_args(colour_shards, stopped, *args)], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    for line in proc.stdout:
-        if "epoch 2 [1/4]" in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline
+    proc = popen_train(base_args(colour_shards, stopped, *args))
+    signal_at_line(proc, "epoch 2 [1/4]", signal.SIGTERM, timeout=180)
     proc.communicate(timeout=180)
     assert proc.returncode == 130
     partial = RunFolder(str(stopped), "xception_slim").partial_manifest()
-    assert partial["in_progress"]["epoch"] == 2 and partial["optimizer"]["num_update"] == 4 + \
-        partial["in_progress"]["batches_done"]  # whole updates only: never between micro-batches
-    resumed = _cli(["--output-dir", str(stopped), "--resume"])
+    assert partial.in_progress.epoch == 2 and partial.progress.optimizer["num_update"] == 4 + \
+        partial.in_progress.batches_done  # whole updates only: never between micro-batches
+    resumed = train_cli(["--output-dir", str(stopped), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "grad-norm" in (stopped / "train.log").read_text()
     assert_same_states(straight, stopped, 2)
@@ -152,7 +142,7 @@ def read_events(folder):
 @pytest.mark.slow
 def test_tensorboard_tags_and_steps_continue_across_a_resume(colour_shards, tmp_path):
     straight = tmp_path / "straight"
-    assert _cli(base_args(colour_shards, straight, "--tensorboard", str(straight / "tb"))).returncode == 0
+    assert train_cli(base_args(colour_shards, straight, "--tensorboard", str(straight / "tb"))).returncode == 0
     scalars, purges = read_events(straight / "tb")
     steps = {}
     for tag, step, _ in scalars:
@@ -167,7 +157,7 @@ def test_tensorboard_tags_and_steps_continue_across_a_resume(colour_shards, tmp_
     shutil.copytree(straight, crashed)
     RunFolder(str(crashed), "xception_slim").remove(2)
     time.sleep(1.1)  # event file names carry the second they were opened
-    resumed = _cli(["--output-dir", str(crashed), "--resume", "--tensorboard", str(crashed / "tb")])
+    resumed = train_cli(["--output-dir", str(crashed), "--resume", "--tensorboard", str(crashed / "tb")])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     after, purges = read_events(crashed / "tb")
     assert purges == [5]  # the resumed writer hides what the crashed run logged after update 4
