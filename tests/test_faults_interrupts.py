@@ -96,13 +96,12 @@ def test_a_second_signal_says_what_was_discarded(colour_shards, tmp_path):
     out = tmp_path / "run"
     script = (
         "import sys, os, signal\n"
-        "from xception_mx import train\n"
-        "real = train.Trainer._save\n"
-        "def slow_save(self, epoch, record=None):\n"
-        "    if epoch is None:\n"
-        "        os.kill(os.getpid(), signal.SIGTERM)  # the second signal, while the mid-epoch checkpoint is due\n"
-        "    return real(self, epoch, record)\n"
-        "train.Trainer._save = slow_save\n"
+        "from xception_mx import writer\n"
+        "real = writer.RunWriter.save_stopped\n"
+        "def slow_save(self, state):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # the second signal, while the mid-epoch checkpoint is due\n"
+        "    return real(self, state)\n"
+        "writer.RunWriter.save_stopped = slow_save\n"
         "from xception_mx.cli import train_main\n"
         "sys.exit(train_main(sys.argv[1:]))\n")
     args = base_args(colour_shards, out, "--num-epochs", "2", "--batch-size", "4", "--log-interval", "1")
