@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from mxnet.gluon import nn
 
 from .model import CONV_INIT, DENSE_INIT, FEATURES_NAME, relu, stable_name
+from .padding import Padded, round_up
 
 __all__ = ["BlockSpec", "block_table", "XceptionAligned", "EXIT_FLOW"]
 
@@ -86,10 +87,10 @@ class _SeparableConvBN(nn.HybridBlock):
 class _Stack(nn.HybridBlock):
     """The three separable convs of a block (children ``conv1``..``conv3``), ReLU before each when relu_first."""
 
-    def __init__(self, in_channels, spec: BlockSpec, bn_epsilon, bn_momentum, **kwargs):
+    def __init__(self, in_channels, spec: BlockSpec, bn_epsilon, bn_momentum, multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.relu_first = spec.relu_first
-        widths = (in_channels, *spec.widths)
+        widths = tuple(round_up(c, multiple) for c in (in_channels, *spec.widths))
         with self.name_scope():
             for i in range(3):
                 setattr(self, f"conv{i + 1}", _SeparableConvBN(
@@ -106,14 +107,14 @@ class _AlignedBlock(nn.HybridBlock):
     """stack(x) + shortcut(x): the shortcut is the block's input (before the first ReLU), through a 1x1 conv + BN
     when the width or the stride changes; no sum at all when the spec has no skip."""
 
-    def __init__(self, in_channels: int, spec: BlockSpec, bn_epsilon, bn_momentum, **kwargs):
+    def __init__(self, in_channels: int, spec: BlockSpec, bn_epsilon, bn_momentum, multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
         self.skip = spec.skip
         with self.name_scope():
-            self.stack = _Stack(in_channels, spec, bn_epsilon, bn_momentum)
-            needs_conv = spec.skip and (spec.widths[-1] != in_channels or spec.stride != 1)
-            self.shortcut = _ConvBN(in_channels, spec.widths[-1], 1, spec.stride, bn_epsilon, bn_momentum,
-                                    relu=False) if needs_conv else None
+            self.stack = _Stack(in_channels, spec, bn_epsilon, bn_momentum, multiple)
+            needs_conv = spec.skip and (spec.widths[-1] != in_channels or spec.stride != 1)  # the paper's widths
+            self.shortcut = _ConvBN(round_up(in_channels, multiple), round_up(spec.widths[-1], multiple), 1,
+                                    spec.stride, bn_epsilon, bn_momentum, relu=False) if needs_conv else None
 
     def hybrid_forward(self, F, x):
         out = self.stack(x)
@@ -123,16 +124,17 @@ class _AlignedBlock(nn.HybridBlock):
 
 
 class _AlignedFeatures(nn.HybridBlock):
-    def __init__(self, blocks: list[BlockSpec], in_channels, bn_epsilon, bn_momentum, **kwargs):
+    def __init__(self, blocks: list[BlockSpec], in_channels, bn_epsilon, bn_momentum, multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
+        stem = tuple(round_up(c, multiple) for c in STEM_WIDTHS)
         with self.name_scope():
             self.stem = nn.HybridSequential()
-            self.stem.add(_ConvBN(in_channels, STEM_WIDTHS[0], 3, 2, bn_epsilon, bn_momentum, relu=True),
-                          _ConvBN(STEM_WIDTHS[0], STEM_WIDTHS[1], 3, 1, bn_epsilon, bn_momentum, relu=True))
+            self.stem.add(_ConvBN(in_channels, stem[0], 3, 2, bn_epsilon, bn_momentum, relu=True),
+                          _ConvBN(stem[0], stem[1], 3, 1, bn_epsilon, bn_momentum, relu=True))
             self.blocks = nn.HybridSequential()
             width = STEM_WIDTHS[1]
             for spec in blocks:
-                self.blocks.add(_AlignedBlock(width, spec, bn_epsilon, bn_momentum))
+                self.blocks.add(_AlignedBlock(width, spec, bn_epsilon, bn_momentum, multiple))
                 width = spec.widths[-1]
             self.pool = nn.GlobalAvgPool2D()
             self.flatten = nn.Flatten()
@@ -141,15 +143,20 @@ class _AlignedFeatures(nn.HybridBlock):
         return self.flatten(self.pool(self.blocks(self.stem(x))))
 
 
-class XceptionAligned(nn.HybridBlock):
+class XceptionAligned(Padded, nn.HybridBlock):
     """An aligned Xception classifier: ``features`` (to the pooled 2048-vector), dropout, ``fc``.
 
     Built from a block table (:func:`block_table`); the registered names are in ``registry.ALIGNED_CONFIGS``.
+    ``channel_multiple=N`` computes with widths rounded up to a multiple of N (:mod:`xception_mx.padding`).
     """
 
     def __init__(self, blocks: list[BlockSpec], num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3,
-                 bn_epsilon: float = 1e-3, bn_momentum: float = 0.99, name: str = "xception_aligned", **kwargs):
+                 bn_epsilon: float = 1e-3, bn_momentum: float = 0.99, name: str = "xception_aligned",
+                 channel_multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
+        self._twin_kwargs = dict(blocks=blocks, num_classes=num_classes, dropout=dropout, in_channels=in_channels,
+                                 bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, name=name)
+        self.channel_multiple = channel_multiple
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not 0.0 <= dropout < 1.0:
@@ -157,22 +164,25 @@ class XceptionAligned(nn.HybridBlock):
         self.arch, self.num_classes, self.blocks = name, num_classes, list(blocks)
         self.num_features = self.blocks[-1].widths[-1]
         with self.name_scope():
-            self.features = _AlignedFeatures(self.blocks, in_channels, bn_epsilon, bn_momentum)
+            self.features = _AlignedFeatures(self.blocks, in_channels, bn_epsilon, bn_momentum, channel_multiple)
             self.dropout = nn.Dropout(dropout) if dropout > 0 else None
             self.fc = self._make_classifier(num_classes)
 
     def describe(self) -> str:
-        return f"aligned, {len(self.blocks)} blocks"
+        padded = f", widths computed at multiples of {self.channel_multiple}" if self.channel_multiple > 1 else ""
+        return f"aligned, {len(self.blocks)} blocks{padded}"
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
-        return nn.Dense(num_classes, in_units=self.num_features, weight_initializer=DENSE_INIT)
+        return nn.Dense(num_classes, in_units=round_up(self.num_features, self.channel_multiple),
+                        weight_initializer=DENSE_INIT)
 
     def reset_classifier(self, num_classes: int, ctx=None) -> None:
         """Replace the output part with a freshly initialised ``num_classes``-way classifier."""
-        self.num_classes = num_classes
+        self.num_classes = self._twin_kwargs["num_classes"] = num_classes
         with self.name_scope():
             self.fc = self._make_classifier(num_classes)
         self.fc.initialize(ctx=ctx)
+        self.zero_added_channels()
 
     def hybrid_forward(self, F, x):
         x = stable_name(F, self.features(x), FEATURES_NAME)

@@ -19,6 +19,8 @@ from typing import TypedDict
 import mxnet as mx
 from mxnet.gluon import nn
 
+from .padding import Padded, round_up
+
 __all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D",
            "PAPER_FILTER_LIST", "POOL_PADDINGS", "MIN_INPUT_SIZE", "count_parameters", "FEATURES_NAME", "stable_name",
            "relu", "CONV_INIT", "DENSE_INIT"]
@@ -90,14 +92,15 @@ class XceptionBlock(nn.HybridBlock):
 
     def __init__(self, in_channels: int, channels: int, reps: int, stride: int = 1, start_with_relu: bool = True,
                  grow_first: bool = True, bn_epsilon: float = 1e-3, bn_momentum: float = 0.99,
-                 pool_padding: str = "symmetric", **kwargs):
+                 pool_padding: str = "symmetric", channel_multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
         self._stride = stride
         self._pool_padding = pool_padding
+        w = (lambda c: round_up(c, channel_multiple))  # noqa: E731  (the shortcut is decided on the paper's widths)
         with self.name_scope():
             if channels != in_channels or stride != 1:
-                self.skip = _conv(in_channels, channels, 1, stride=stride)
-                self.skipbn = _batch_norm(channels, bn_epsilon, bn_momentum)
+                self.skip = _conv(w(in_channels), w(channels), 1, stride=stride)
+                self.skipbn = _batch_norm(w(channels), bn_epsilon, bn_momentum)
             else:
                 self.skip = None
                 self.skipbn = None
@@ -110,8 +113,8 @@ class XceptionBlock(nn.HybridBlock):
                         rep_in, rep_out = in_channels, (in_channels if i < reps - 1 else channels)
                     if i > 0 or start_with_relu:
                         self.rep.add(nn.Activation("relu"))
-                    self.rep.add(SeparableConv2D(rep_in, rep_out))
-                    self.rep.add(_batch_norm(rep_out, bn_epsilon, bn_momentum))
+                    self.rep.add(SeparableConv2D(w(rep_in), w(rep_out)))
+                    self.rep.add(_batch_norm(w(rep_out), bn_epsilon, bn_momentum))
                 if stride != 1:
                     self.rep.add(_max_pool(stride, pool_padding))
 
@@ -165,22 +168,25 @@ class _BlockOptions(TypedDict):
     bn_epsilon: float
     bn_momentum: float
     pool_padding: str
+    channel_multiple: int
 
 
 class XceptionFeatures(nn.HybridBlock):
     """Stem, entry flow, middle flow and exit flow up to global average pooling: (N, 3, H, W) -> (N, filter_list[6])."""
 
     def __init__(self, filter_list: Sequence[int], in_channels: int = 3, bn_epsilon: float = 1e-3,
-                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
+                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", channel_multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
         f = _check_filter_list(filter_list)
-        bn = _BlockOptions(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, pool_padding=pool_padding)
+        w = (lambda c: round_up(c, channel_multiple))  # noqa: E731  (computed widths; f stays the paper's)
+        bn = _BlockOptions(bn_epsilon=bn_epsilon, bn_momentum=bn_momentum, pool_padding=pool_padding,
+                           channel_multiple=channel_multiple)
         with self.name_scope():
             # Entry flow: the stem (3x3 convs, no padding, stride 2 then 1, each with BN and ReLU).
-            self.conv1 = _conv(in_channels, f[0] // 2, 3, stride=2)
-            self.bn1 = _batch_norm(f[0] // 2, bn_epsilon, bn_momentum)
-            self.conv2 = _conv(f[0] // 2, f[0], 3)
-            self.bn2 = _batch_norm(f[0], bn_epsilon, bn_momentum)
+            self.conv1 = _conv(in_channels, w(f[0] // 2), 3, stride=2)
+            self.bn1 = _batch_norm(w(f[0] // 2), bn_epsilon, bn_momentum)
+            self.conv2 = _conv(w(f[0] // 2), w(f[0]), 3)
+            self.bn2 = _batch_norm(w(f[0]), bn_epsilon, bn_momentum)
             # Entry flow: three strided residual blocks (the first starts without ReLU).
             self.block1 = XceptionBlock(f[0], f[1], 2, 2, start_with_relu=False, **bn)
             self.block2 = XceptionBlock(f[1], f[2], 2, 2, **bn)
@@ -196,10 +202,10 @@ class XceptionFeatures(nn.HybridBlock):
             self.block11 = XceptionBlock(f[3], f[3], 3, 1, **bn)
             # Exit flow: a strided block that widens last, then two separable convs, each with BN and ReLU.
             self.block12 = XceptionBlock(f[3], f[4], 2, 2, grow_first=False, **bn)
-            self.conv3 = SeparableConv2D(f[4], f[5])
-            self.bn3 = _batch_norm(f[5], bn_epsilon, bn_momentum)
-            self.conv4 = SeparableConv2D(f[5], f[6])
-            self.bn4 = _batch_norm(f[6], bn_epsilon, bn_momentum)
+            self.conv3 = SeparableConv2D(w(f[4]), w(f[5]))
+            self.bn3 = _batch_norm(w(f[5]), bn_epsilon, bn_momentum)
+            self.conv4 = SeparableConv2D(w(f[5]), w(f[6]))
+            self.bn4 = _batch_norm(w(f[6]), bn_epsilon, bn_momentum)
             self.pool = nn.GlobalAvgPool2D()
             self.flatten = nn.Flatten()
 
@@ -213,41 +219,51 @@ class XceptionFeatures(nn.HybridBlock):
         return self.flatten(self.pool(x))
 
 
-class Xception(nn.HybridBlock):
+class Xception(Padded, nn.HybridBlock):
     """Xception classifier: ``features`` (to the pooled ``filter_list[6]``-vector), dropout, ``fc`` (the output part).
 
     To fine-tune on other classes, keep ``features`` and replace the output part: ``net.reset_classifier(k)``.
     Inputs must be at least 71x71 (:data:`MIN_INPUT_SIZE`). ``pool_padding='keras'`` pads the stride-2 max pools
     as Keras does ("same": asymmetric on even sides), for Keras's weights; the default 'symmetric' is timm's.
+    ``channel_multiple=N`` computes with every width rounded up to a multiple of N, the added channels zero
+    (:mod:`xception_mx.padding`); ``filter_list`` and parameter counts stay the paper's.
     """
 
     def __init__(self, filter_list: Sequence[int] = PAPER_FILTER_LIST,
                  num_classes: int = 1000, dropout: float = 0.5, in_channels: int = 3, bn_epsilon: float = 1e-3,
-                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", **kwargs):
+                 bn_momentum: float = 0.99, pool_padding: str = "symmetric", channel_multiple: int = 1, **kwargs):
         super().__init__(**kwargs)
+        self._twin_kwargs = dict(filter_list=filter_list, num_classes=num_classes, dropout=dropout,
+                                 in_channels=in_channels, bn_epsilon=bn_epsilon, bn_momentum=bn_momentum,
+                                 pool_padding=pool_padding)
+        self.channel_multiple = channel_multiple
         self.filter_list = _check_filter_list(filter_list)
+        self._features_width = round_up(self.filter_list[6], channel_multiple)
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         self.num_classes = num_classes
         with self.name_scope():
-            self.features = XceptionFeatures(self.filter_list, in_channels, bn_epsilon, bn_momentum, pool_padding)
+            self.features = XceptionFeatures(self.filter_list, in_channels, bn_epsilon, bn_momentum, pool_padding,
+                                             channel_multiple)
             self.dropout = nn.Dropout(dropout) if dropout > 0 else None
             self.fc = self._make_classifier(num_classes)
 
     def describe(self) -> str:
-        return "filter list " + "x".join(map(str, self.filter_list))
+        padded = f", widths computed at multiples of {self.channel_multiple}" if self.channel_multiple > 1 else ""
+        return "filter list " + "x".join(map(str, self.filter_list)) + padded
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
-        return nn.Dense(num_classes, in_units=self.filter_list[6], weight_initializer=DENSE_INIT)
+        return nn.Dense(num_classes, in_units=self._features_width, weight_initializer=DENSE_INIT)
 
     def reset_classifier(self, num_classes: int, ctx=None) -> None:
         """Replace the output part with a freshly initialised ``num_classes``-way classifier."""
-        self.num_classes = num_classes
+        self.num_classes = self._twin_kwargs["num_classes"] = num_classes
         with self.name_scope():
             self.fc = self._make_classifier(num_classes)
         self.fc.initialize(ctx=ctx)
+        self.zero_added_channels()
 
     def forward(self, x, *args):
         # Checked here, not in hybrid_forward, because symbols carry no shapes.
@@ -277,7 +293,14 @@ def stable_name(F, x, name: str):
 
 
 def count_parameters(net: nn.Block) -> tuple[int, int]:
-    """(trainable, total) parameter counts; total includes BN running statistics."""
+    """(trainable, total) parameter counts at the paper's widths (whatever ``channel_multiple`` computes with);
+    total includes BN running statistics."""
+    if getattr(net, "channel_multiple", 1) > 1:
+        grad_req = {p.name: p.grad_req for p in net.collect_params().values()}
+        twin = net.canonical_twin()
+        for p in twin.collect_params().values():
+            p.grad_req = grad_req.get(p.name, p.grad_req)
+        net = twin
     trainable = total = 0
     for param in net.collect_params().values():
         size = 1

@@ -30,7 +30,8 @@ ALIGNED_CONFIGS: dict[str, dict] = {
 }
 
 #: What :func:`get_model` lets a caller override on an aligned variant (its widths come from its table).
-ALIGNED_OVERRIDES = frozenset({"num_classes", "dropout", "in_channels", "bn_epsilon", "bn_momentum"})
+ALIGNED_OVERRIDES = frozenset({"num_classes", "dropout", "in_channels", "bn_epsilon", "bn_momentum",
+                               "channel_multiple"})
 
 
 def list_models() -> list[str]:

@@ -1,0 +1,110 @@
+"""Padded widths (``channel_multiple``): compute with every width rounded up to a multiple, files in the paper's.
+
+MXNet 1.9.1 refuses every oneDNN convolution whose memory would be padded (``GetConvFwdImpl`` and both backward
+paths in ``src/operator/nn/mkldnn/mkldnn_convolution.cc``; no upstream issue found), so widths that are not
+multiples of 16 (728, 364) lose oneDNN's blocked AVX-512/AMX kernels. A network built with ``channel_multiple=16``
+has 736 where the paper has 728, and every added channel is exactly zero: the weights that read or write it and
+its BatchNorm gamma, beta and statistics are zero, so its activation is zero (BN of a constant channel is beta,
+ReLU(0) = 0) and every gradient reaching it is zero. The network computes the paper's function; only the memory
+layout changes.
+
+:class:`ChannelLayout` maps a padded network's named arrays to the paper's shapes (the leading slice in every
+axis) and back (zero-filled), so what is written to disk keeps the paper's shapes. :class:`Padded` gives the
+models ``canonical_twin()`` and an ``initialize`` that zeroes the added channels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mxnet as mx
+from mxnet import gluon
+
+__all__ = ["round_up", "ChannelLayout", "Padded"]
+
+Shape = tuple[int, ...]
+
+
+def round_up(width: int, multiple: int) -> int:
+    """``width`` rounded up to a multiple of ``multiple`` (1: unchanged)."""
+    if not isinstance(multiple, int) or isinstance(multiple, bool) or multiple < 1:
+        raise ValueError(f"channel_multiple must be a positive integer, got {multiple!r}")
+    return -(-width // multiple) * multiple
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """The parameters whose padded shape differs from the paper's: name -> (canonical, padded) shape. Empty for a
+    network built with ``channel_multiple=1``, where every mapping is the identity."""
+    shapes: dict[str, tuple[Shape, Shape]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, net: gluon.Block) -> ChannelLayout:
+        """The layout of a model (``Xception``, ``XceptionAligned``) against its canonical twin."""
+        twin = net.canonical_twin() if getattr(net, "channel_multiple", 1) > 1 else None
+        if twin is None:
+            return cls()
+        padded = net._collect_params_with_prefix()
+        canonical = twin._collect_params_with_prefix()
+        return cls({name: (tuple(canonical[name].shape), tuple(p.shape)) for name, p in padded.items()
+                    if tuple(canonical[name].shape) != tuple(p.shape)})
+
+    def _owner(self, key: str) -> str | None:
+        """The parameter a state array belongs to: ``param/NAME``, ``ema/NAME``, ``optim/NAME`` or
+        ``optim/NAME.K`` (an optimizer's K-th state array), or NAME itself."""
+        name = key.split("/", 1)[1] if key.startswith(("param/", "ema/", "optim/")) else key
+        if name in self.shapes:
+            return name
+        base, _, index = name.rpartition(".")
+        return base if index.isdigit() and base in self.shapes else None
+
+    def to_canonical(self, arrays: dict[str, mx.nd.NDArray]) -> dict[str, mx.nd.NDArray]:
+        """Each array sliced to the paper's shape (arrays of unpadded parameters pass through)."""
+        out = {}
+        for key, array in arrays.items():
+            owner = self._owner(key)
+            if owner is None or tuple(array.shape) != self.shapes[owner][1]:
+                out[key] = array
+            else:
+                canonical = self.shapes[owner][0]
+                out[key] = mx.nd.slice(array, begin=(0,) * len(canonical), end=canonical)
+        return out
+
+    def to_padded(self, arrays: dict[str, mx.nd.NDArray]) -> dict[str, mx.nd.NDArray]:
+        """Each array of the paper's shape placed in a zero array of the padded shape (the leading slice)."""
+        out = {}
+        for key, array in arrays.items():
+            owner = self._owner(key)
+            if owner is None or tuple(array.shape) != self.shapes[owner][0]:
+                out[key] = array
+            else:
+                padded = mx.nd.zeros(self.shapes[owner][1], ctx=array.context, dtype=array.dtype)
+                padded[tuple(slice(0, n) for n in array.shape)] = array
+                out[key] = padded
+        return out
+
+
+class Padded:
+    """For a model built with ``channel_multiple``: its paper-width twin and initialisation with the added
+    channels zeroed. The model sets ``channel_multiple`` and ``_twin_kwargs`` (its constructor's arguments)."""
+
+    channel_multiple: int = 1
+    _twin_kwargs: dict
+
+    def canonical_twin(self) -> gluon.HybridBlock:
+        """The same model at the paper's widths, with the same parameter names (its parameters hold no data)."""
+        return type(self)(**{**self._twin_kwargs, "channel_multiple": 1},  # type: ignore[call-arg]
+                          prefix=self.prefix)  # type: ignore[attr-defined]
+
+    def initialize(self, init=mx.init.Uniform(), ctx=None, verbose=False, force_reinit=False):  # noqa: B008
+        super().initialize(init, ctx, verbose, force_reinit)
+        self.zero_added_channels()
+
+    def zero_added_channels(self) -> None:
+        """Set every added channel of every parameter (on every device) to zero: what keeps the paper's function."""
+        if self.channel_multiple == 1:
+            return
+        layout = ChannelLayout.of(self)
+        for name, param in self._collect_params_with_prefix().items():  # type: ignore[attr-defined]
+            if name in layout.shapes and param._data is not None:
+                for data in param.list_data():
+                    data[:] = layout.to_padded(layout.to_canonical({name: data}))[name]
