@@ -5,6 +5,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
+from helpers import needs_cpu_flag
 from xception_mx.model import Xception, count_parameters
 from xception_mx.padding import ChannelLayout, round_up
 from xception_mx.registry import get_model, list_models
@@ -86,3 +87,87 @@ def test_a_new_classifier_of_a_padded_network_keeps_the_added_inputs_zero():
     net.reset_classifier(9)
     weight = net.fc.weight.data().asnumpy()
     assert weight.shape == (9, 64) and np.count_nonzero(weight[:, 52:]) == 0 and np.count_nonzero(weight[:, :52])
+
+
+# Training with padded widths ---------------------------------------------------------------------------------------
+
+ODD = ",".join(map(str, ODD_FILTERS))
+
+
+def _assert_added_channels_zero(trainer):
+    """Every added channel of every parameter, optimizer state and EMA weight is exactly zero (in memory)."""
+    from xception_mx.optim_state import optimizer_state_arrays
+
+    layout = trainer.layout
+    arrays = {f"param/{n}": p.data() for n, p in trainer.named.items()}
+    arrays.update(optimizer_state_arrays(trainer.trainer, trainer.names)[0])
+    if trainer.ema is not None:
+        arrays.update({f"ema/{n}": a for n, a in trainer.ema.arrays().items()})
+    checked = 0
+    for key, array in arrays.items():
+        owner = layout._owner(key)
+        if owner is None:
+            continue
+        data = array.asnumpy()
+        inside = data[tuple(slice(0, n) for n in layout.shapes[owner][0])]
+        assert np.count_nonzero(data) == np.count_nonzero(inside), key
+        checked += 1
+    assert checked > 100
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer, extra", [
+    ("sgd", ["--ema", "0.9", "--mixup", "0.2"]),
+    ("nag", ["--label-smoothing", "0.1", "--accumulate", "2", "--clip-grad-norm", "0.5"]),
+    ("rmsprop", ["--no-wd-bn-bias"]),
+    ("adam", ["--ema", "0.8", "--label-smoothing", "0.1"]),
+])
+def test_added_channels_stay_exactly_zero_through_training(colour_shards, tmp_path, optimizer, extra):
+    from helpers import base_args
+    from xception_mx.plan import plan_run
+    from xception_mx.train import Trainer
+
+    args = base_args(colour_shards, tmp_path / "run", "--filter-list", ODD, "--optimizer", optimizer,
+                     "--lr", "0.01", "--wd", "1e-2", "--max-batches", "3", "--channel-multiple", "16", *extra)
+    trainer = Trainer(plan_run(args))
+    trainer.fit()
+    _assert_added_channels_zero(trainer)
+
+
+@pytest.mark.slow
+@needs_cpu_flag("avx512_bf16", "--amp bfloat16 is refused without it")
+def test_added_channels_stay_exactly_zero_under_bfloat16(colour_shards, tmp_path):
+    from helpers import base_args
+    from xception_mx.plan import plan_run
+    from xception_mx.train import Trainer
+
+    args = base_args(colour_shards, tmp_path / "run", "--filter-list", ODD, "--amp", "bfloat16", "--ema", "0.9",
+                     "--max-batches", "3", "--channel-multiple", "16", "--num-epochs", "1", "--lr-mode", "exp")
+    trainer = Trainer(plan_run(args))
+    trainer.fit()
+    _assert_added_channels_zero(trainer)
+
+
+@pytest.mark.slow
+def test_files_keep_the_paper_shapes_and_a_run_resumes_across_channel_multiples(colour_shards, tmp_path):
+    """A padded run resumed in a new process is bit-exact; its checkpoints and exports hold the paper's shapes; the
+    same checkpoint loaded at 1 and at 16 gives the same network (logits equal within fp32 rounding)."""
+    from helpers import assert_same_states, state_params, straight_and_resumed
+    from xception_mx.plan import plan_run
+    from xception_mx.score import load_exported
+    from xception_mx.train import Trainer
+
+    straight, resumed = straight_and_resumed(colour_shards, tmp_path, "--filter-list", ODD, "--channel-multiple",
+                                             "16", "--max-batches", "3")
+    assert_same_states(straight, resumed, 2)
+    twin = {f"param/{n}": p.shape for n, p in named_params(Xception(ODD_FILTERS, num_classes=4)).items()}
+    assert {k: v.shape for k, v in state_params(straight, 1).items() if k.startswith("param/")} == twin
+    net = load_exported(str(straight / "xception_slim"), 1, [mx.cpu()])  # a paper-width export, loadable as is
+    x = mx.nd.random.uniform(-1, 1, (2, 3, 72, 72))
+    logits = {}
+    for multiple in ("1", "16"):
+        trainer = Trainer(plan_run(["--output-dir", str(straight), "--resume", "1", "--channel-multiple", multiple]))
+        assert trainer.net.channel_multiple == int(multiple)
+        logits[multiple] = trainer.net(x).asnumpy()
+    np.testing.assert_allclose(logits["1"], logits["16"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(net(x).asnumpy(), logits["1"], rtol=0, atol=1e-5)

@@ -17,10 +17,12 @@ from .schedule import build_lr_scheduler
 __all__ = ["build_net", "build_schedule", "optimizer_params", "train_data", "val_data"]
 
 
-def build_net(config: RunConfig) -> HybridBlock:
-    """The registered model ``config.model`` with the run's head, dropout and BatchNorm settings."""
-    overrides: dict[str, Any] = dict(num_classes=config.num_classes, dropout=config.dropout,
-                     bn_momentum=config.bn_momentum, bn_epsilon=config.bn_epsilon)
+def build_net(config: RunConfig, channel_multiple: int = 1) -> HybridBlock:
+    """The registered model ``config.model`` with the run's head, dropout and BatchNorm settings, computing at widths
+    rounded up to ``channel_multiple`` (``plan.channel_multiple``)."""
+    overrides: dict[str, Any] = dict(channel_multiple=channel_multiple, num_classes=config.num_classes,
+                                     dropout=config.dropout, bn_momentum=config.bn_momentum,
+                                     bn_epsilon=config.bn_epsilon)
     if config.pretrained:  # converted Keras weights need Keras's pooling and BN epsilon
         overrides.update(finetune.model_overrides(config.pretrained))
     if config.filter_list is not None:

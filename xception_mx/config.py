@@ -21,7 +21,7 @@ from .console import OneLineParser
 from .errors import UserError
 
 __all__ = ["RunConfig", "Option", "SCHEMA", "load_yaml", "resolve", "build_parser", "dump_yaml",
-           "parse_device_list", "wants_serial_engine", "upgrade_saved", "DISTRIBUTED_KV_STORES"]
+           "parse_device_list", "upgrade_saved"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ def _positive_all(v):
 
 def _non_negative_ints(v):
     return None if all(x >= 0 for x in v) else "device ids must be >= 0"
+
+
+def _multiple(v):
+    return None if v == "auto" or (v.isdigit() and int(v) > 0) else "must be auto or a positive integer"
 
 
 def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
@@ -103,6 +107,9 @@ class RunConfig:
     dropout: float = option(0.5, "dropout before the classifier (0 disables)", check=_fraction)
     bn_momentum: float = option(0.99, "BatchNorm running-statistics momentum (Keras: 0.99)", check=_fraction)
     bn_epsilon: float = option(1e-3, "BatchNorm epsilon", check=_positive)
+    channel_multiple: str = option("auto", "compute with every width rounded up to a multiple of N, the added "
+                                           "channels exactly zero; files keep the paper's shapes. auto = 16 on CPUs "
+                                           "(oneDNN's fast kernels), 1 with --gpus", check=_multiple)
     # Devices
     gpus: tuple[int, ...] = option((), "GPU ids, e.g. 0,1,2,3; empty = CPU", check=_non_negative_ints)
     cpus: int = option(1, "number of CPU contexts when no GPU is given (tests the multi-device path)",
@@ -267,6 +274,7 @@ def upgrade_saved(config: dict) -> dict:
     config = dict(config)
     if "dtype" in config:
         config["amp"] = "float16" if config.pop("dtype") == "float16" else "off"
+    config.setdefault("channel_multiple", "1")  # runs saved before padded widths computed at the paper's
     return config
 
 
@@ -354,18 +362,6 @@ def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
         else:
             parser.add_argument(flag, dest=opt.name, help=opt.help + default, metavar=opt.kind.upper())
     return parser
-
-
-#: Multi-process KVStore types. ``deterministic: auto`` keeps MXNet's threaded engine for them: the serial engine
-#: works with ps-lite and Horovod (tested) but does not make a multi-process run bit-reproducible (two identical
-#: 2-worker runs still differed in the last bits now and then), so it would only cost speed.
-DISTRIBUTED_KV_STORES = ("dist_sync", "dist_device_sync", "horovod")
-
-
-def wants_serial_engine(config: RunConfig) -> bool:
-    """Whether this run should use MXNet's NaiveEngine (see the ``deterministic`` key)."""
-    mode = config.deterministic
-    return mode == "on" or (mode == "auto" and not config.gpus and config.kv_store not in DISTRIBUTED_KV_STORES)
 
 
 def parse_device_list(text: str) -> list[int]:

@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import mxnet as mx
+import numpy as np
 from mxnet import gluon
 
-__all__ = ["round_up", "ChannelLayout", "Padded"]
+__all__ = ["round_up", "ChannelLayout", "Padded", "canonical_export"]
 
 Shape = tuple[int, ...]
 
@@ -64,10 +65,18 @@ class ChannelLayout:
             owner = self._owner(key)
             if owner is None or tuple(array.shape) != self.shapes[owner][1]:
                 out[key] = array
-            else:
-                canonical = self.shapes[owner][0]
-                out[key] = mx.nd.slice(array, begin=(0,) * len(canonical), end=canonical)
+            else:  # through the host: mx.nd.slice dies of SIGFPE on arrays in oneDNN's blocked layouts
+                lead = tuple(slice(0, n) for n in self.shapes[owner][0])
+                out[key] = mx.nd.array(array.asnumpy()[lead], ctx=array.context, dtype=array.dtype)
         return out
+
+    def zero_added(self, arrays: dict[str, mx.nd.NDArray], statistics_only: bool = False) -> None:
+        """Set the added channels of ``arrays`` (name -> array) to zero in place; ``statistics_only``: BatchNorm's
+        running statistics alone (oneDNN's BatchNorm leaves ~1e-10 in the running_var of an all-zero channel, and
+        an EMA follows it; trainable parameters stay exactly zero by themselves)."""
+        for name, array in arrays.items():
+            if name in self.shapes and not (statistics_only and not name.endswith(("running_mean", "running_var"))):
+                array[:] = self.to_padded(self.to_canonical({name: array}))[name]
 
     def to_padded(self, arrays: dict[str, mx.nd.NDArray]) -> dict[str, mx.nd.NDArray]:
         """Each array of the paper's shape placed in a zero array of the padded shape (the leading slice)."""
@@ -77,9 +86,9 @@ class ChannelLayout:
             if owner is None or tuple(array.shape) != self.shapes[owner][0]:
                 out[key] = array
             else:
-                padded = mx.nd.zeros(self.shapes[owner][1], ctx=array.context, dtype=array.dtype)
-                padded[tuple(slice(0, n) for n in array.shape)] = array
-                out[key] = padded
+                padded = np.zeros(self.shapes[owner][1], dtype=array.dtype)
+                padded[tuple(slice(0, n) for n in array.shape)] = array.asnumpy()
+                out[key] = mx.nd.array(padded, ctx=array.context, dtype=array.dtype)
         return out
 
 
@@ -99,12 +108,30 @@ class Padded:
         super().initialize(init, ctx, verbose, force_reinit)
         self.zero_added_channels()
 
-    def zero_added_channels(self) -> None:
-        """Set every added channel of every parameter (on every device) to zero: what keeps the paper's function."""
+    def zero_added_channels(self, statistics_only: bool = False) -> None:
+        """Set the added channels of every parameter (on every device) to zero: what keeps the paper's function
+        (``statistics_only``: see :meth:`ChannelLayout.zero_added`)."""
         if self.channel_multiple == 1:
             return
         layout = ChannelLayout.of(self)
         for name, param in self._collect_params_with_prefix().items():  # type: ignore[attr-defined]
-            if name in layout.shapes and param._data is not None:
+            if param._data is not None:
                 for data in param.list_data():
-                    data[:] = layout.to_padded(layout.to_canonical({name: data}))[name]
+                    layout.zero_added({name: data}, statistics_only)
+
+
+def canonical_export(net: gluon.HybridBlock, input_size: int) -> gluon.HybridBlock:
+    """What to export: ``net`` itself at the paper's widths, else its paper-width twin holding ``net``'s weights
+    (sliced, on the CPU), hybridized and traced once, so exports keep the paper's shapes and names."""
+    if getattr(net, "channel_multiple", 1) == 1:
+        return net
+    layout = ChannelLayout.of(net)
+    arrays = layout.to_canonical({n: p.data().as_in_context(mx.cpu())
+                                  for n, p in net._collect_params_with_prefix().items()})
+    twin = net.canonical_twin()
+    twin.initialize(mx.init.Zero(), ctx=mx.cpu())  # no random draws: the run's generators are left alone
+    for name, param in twin._collect_params_with_prefix().items():
+        param.set_data(arrays[name])
+    twin.hybridize()
+    twin(mx.nd.zeros((1, 3, input_size, input_size)))
+    return twin

@@ -16,14 +16,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from .board import check_available
-from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved, wants_serial_engine
+from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved
 from .cpuinfo import cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
 from .records import check_checksums, check_records, count_records, find_shards
 from .runfolder import RunFolder, prefixes_in
 
-__all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME"]
+__all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
+           "DISTRIBUTED_KV_STORES", "wants_serial_engine", "channel_multiple"]
 
 log = logging.getLogger("xception_mx.plan")
 
@@ -60,11 +61,32 @@ class RunPlan:
     schedule: ScheduleOrigin
     engine: str  # MXNET_ENGINE_TYPE for this run
     shards: Shards = field(repr=False)
+    channel_multiple: int = 1  # the widths the network computes with (config.channel_multiple resolved)
     notes: list[str] = field(default_factory=list, repr=False)  # what the CLI set up before MXNet loaded, for the log
 
     @property
     def start_epoch(self) -> int:
         return self.resume.epoch if self.resume else 0
+
+
+#: Multi-process KVStore types. ``deterministic: auto`` keeps MXNet's threaded engine for them: the serial engine
+#: works with ps-lite and Horovod (tested) but does not make a multi-process run bit-reproducible (two identical
+#: 2-worker runs still differed in the last bits now and then), so it would only cost speed.
+DISTRIBUTED_KV_STORES = ("dist_sync", "dist_device_sync", "horovod")
+
+
+def wants_serial_engine(config: RunConfig) -> bool:
+    """Whether this run should use MXNet's NaiveEngine (see the ``deterministic`` key)."""
+    mode = config.deterministic
+    return mode == "on" or (mode == "auto" and not config.gpus and config.kv_store not in DISTRIBUTED_KV_STORES)
+
+
+def channel_multiple(config: RunConfig) -> int:
+    """The multiple the network's widths are rounded up to: ``auto`` is 16 on CPUs, where MXNet refuses oneDNN's
+    blocked kernels for widths that are not multiples of 16 (``padding.py``), and 1 on GPUs (cuDNN needs none)."""
+    if config.channel_multiple == "auto":
+        return 1 if config.gpus else 16
+    return int(config.channel_multiple)
 
 
 def choose_engine(config: RunConfig, environ: Mapping[str, str]) -> str:
@@ -105,7 +127,10 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     if config.tensorboard:
         check_available()
     shards = _find_shards(config) if check_data else Shards([], [])
-    return RunPlan(config, folder, point, bool(config.retrain), schedule, choose_engine(config, environ), shards)
+    multiple = channel_multiple(config)
+    notes = [f"channel_multiple {config.channel_multiple}: widths computed at multiples of {multiple}"]
+    return RunPlan(config, folder, point, bool(config.retrain), schedule, choose_engine(config, environ), shards,
+                   multiple, notes)
 
 
 def _prefix(draft: RunConfig, given: dict) -> str:

@@ -21,7 +21,7 @@ from mxnet import gluon
 from . import data, finetune
 from .builders import build_net, build_schedule, optimizer_params, train_data, val_data
 from .checkpoint import load_state
-from .config import upgrade_saved, wants_serial_engine
+from .config import upgrade_saved
 from .console import log_to_file
 from .device_metrics import DeviceSums
 from .distributed import create_cluster
@@ -31,7 +31,8 @@ from .evaluate import evaluate, make_contexts
 from .manifest import EpochRecord, InProgress, TrainProgress
 from .metrics import Accumulator
 from .optim_state import optimizer_state_arrays, restore_optimizer_state
-from .plan import ResumePoint, RunPlan
+from .padding import ChannelLayout
+from .plan import ResumePoint, RunPlan, wants_serial_engine
 from .precision import Precision
 from .progress import Progress, StopFlag
 from .records import derived_seeds
@@ -95,8 +96,9 @@ class Trainer:
     def _build_network(self) -> None:
         """The network on the devices, hybridized, with weight decay and fine-tuning settings applied."""
         config = self.config
-        self.net = build_net(config)
-        self.net.initialize(ctx=self.ctx)
+        self.net = build_net(config, self.plan.channel_multiple)
+        self.net.initialize(ctx=self.ctx)  # the added channels of padded widths start (and stay) zero
+        self.layout = ChannelLayout.of(self.net)
         self.net.hybridize(static_alloc=True, static_shape=True)
         self.named = named_params(self.net)
         self.names = {p: n for n, p in self.named.items()}
@@ -105,7 +107,8 @@ class Trainer:
                 if name.endswith((".gamma", ".beta", ".bias")):
                     p.wd_mult = 0.0
         if config.pretrained and self.plan.resume is None:  # a resume takes every weight from its checkpoint
-            loaded = finetune.load_backbone(self.named, finetune.read_weights(config.pretrained))
+            weights = self.layout.to_padded(finetune.read_weights(config.pretrained))
+            loaded = finetune.load_backbone(self.named, weights)
             log.info("fine-tuning: %d feature parameters from %s, a new %d-way classifier", loaded,
                      config.pretrained, config.num_classes)
 
@@ -136,19 +139,22 @@ class Trainer:
 
     def state(self) -> TrainState:
         """Weights, optimizer state and counters, EMA, the loss scaler (float16), completed epochs, best epoch and
-        mid-epoch progress."""
+        mid-epoch progress; every array in the paper's shape, whatever ``channel_multiple`` computes with."""
+        self.net.zero_added_channels(statistics_only=True)  # what oneDNN's BatchNorm leaves in a zero channel
+        if self.ema is not None:
+            self.layout.zero_added(self.ema.shadow, statistics_only=True)
         ctx = self.ctx[0]
         arrays = {f"param/{n}": p.data(ctx) for n, p in self.named.items()}
         if self.ema is not None:
             arrays.update({f"ema/{n}": a for n, a in self.ema.arrays().items()})
         optim_arrays, optim_info = optimizer_state_arrays(self.trainer, self.names)
         arrays.update(optim_arrays)
-        return TrainState(arrays, TrainProgress(self.epoch, self.best, optim_info, self.precision.state(),
-                                                self.in_progress))
+        progress = TrainProgress(self.epoch, self.best, optim_info, self.precision.state(), self.in_progress)
+        return TrainState(self.layout.to_canonical(arrays), progress)
 
     def restore(self, state: TrainState) -> None:
         """The inverse of :meth:`state`."""
-        arrays, progress = state.arrays, state.progress
+        arrays, progress = self.layout.to_padded(state.arrays), state.progress
         weights = _strip(arrays, "param/")
         load_named(self.named, weights, "the checkpoint")
         restore_optimizer_state(self.trainer, self.names, progress.optimizer, arrays)

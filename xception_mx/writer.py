@@ -35,6 +35,7 @@ from .config import config_text, dump_yaml
 from .fileio import append_synced, atomic_write_text, remove_stale_temporaries
 from .manifest import EpochRecord, Manifest, TrainProgress
 from .metrics import plot_curves, read_jsonl, truncate_jsonl
+from .padding import canonical_export
 from .plan import RunPlan
 from .protocol import Preprocess
 
@@ -161,9 +162,10 @@ class RunWriter(NullWriter):
         self._save_state(None, state, None)
 
     def export(self, epoch: int, net: gluon.HybridBlock) -> None:
-        """The epoch's export (what ``xception-score`` loads), and its SoftmaxOutput twin with ``--softmax-head``."""
+        """The epoch's export (what ``xception-score`` loads) at the paper's widths whatever the run computed with,
+        and its SoftmaxOutput twin with ``--softmax-head``."""
         with disk_errors(self.folder.folder, f"the export of epoch {epoch}"):
-            export_atomic(net, self.folder.model_prefix, epoch)
+            export_atomic(canonical_export(net, self.config.input_size), self.folder.model_prefix, epoch)
             if self.config.softmax_head:
                 from .deploy import add_softmax_head
 
