@@ -239,3 +239,28 @@ def write_inputs(folder, seed: int) -> list[str]:
         np.save(path, rng.uniform(-1, 1, (2, 3, h, w)).astype(np.float32))
         inputs.append(path)
     return inputs
+
+
+# ---------------------------------------------------------------------------------------------- padded widths
+
+def assert_added_channels_zero(trainer):
+    """Every added channel of every parameter, optimizer state and EMA weight is exactly zero (in memory)."""
+    import numpy as np
+
+    from xception_mx.optim_state import optimizer_state_arrays
+
+    layout = trainer.layout
+    arrays = {f"param/{n}": p.data() for n, p in trainer.named.items()}
+    arrays.update(optimizer_state_arrays(trainer.trainer, trainer.names)[0])
+    if trainer.ema is not None:
+        arrays.update({f"ema/{n}": a for n, a in trainer.ema.arrays().items()})
+    checked = 0
+    for key, array in arrays.items():
+        owner = layout._owner(key)
+        if owner is None:
+            continue
+        data = array.asnumpy()
+        inside = data[tuple(slice(0, n) for n in layout.shapes[owner][0])]
+        assert np.count_nonzero(data) == np.count_nonzero(inside), key
+        checked += 1
+    assert checked > 100

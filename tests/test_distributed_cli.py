@@ -34,7 +34,8 @@ CLI_WORKER = textwrap.dedent("""
     dump = os.environ["DUMP_DIR"]
     real_validate = train.Trainer.validate
     def validate(self):
-        arrays = {n: p.data(self.ctx[0]).asnumpy() for n, p in self.named.items()}
+        live = self.layout.to_canonical({n: p.data(self.ctx[0]) for n, p in self.named.items()})
+        arrays = {n: a.asnumpy() for n, a in live.items()}  # the paper's shapes, as the checkpoint holds
         rank = self.cluster.rank
         epoch = len([f for f in os.listdir(dump) if f.startswith(f"rank{rank}-")]) + 1
         np.savez(os.path.join(dump, f"rank{rank}-{epoch}.npz"), **arrays)

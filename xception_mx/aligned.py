@@ -169,8 +169,7 @@ class XceptionAligned(Padded, nn.HybridBlock):
             self.fc = self._make_classifier(num_classes)
 
     def describe(self) -> str:
-        padded = f", widths computed at multiples of {self.channel_multiple}" if self.channel_multiple > 1 else ""
-        return f"aligned, {len(self.blocks)} blocks{padded}"
+        return f"aligned, {len(self.blocks)} blocks"
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
         return nn.Dense(num_classes, in_units=round_up(self.num_features, self.channel_multiple),

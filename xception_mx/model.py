@@ -251,8 +251,7 @@ class Xception(Padded, nn.HybridBlock):
             self.fc = self._make_classifier(num_classes)
 
     def describe(self) -> str:
-        padded = f", widths computed at multiples of {self.channel_multiple}" if self.channel_multiple > 1 else ""
-        return "filter list " + "x".join(map(str, self.filter_list)) + padded
+        return "filter list " + "x".join(map(str, self.filter_list))
 
     def _make_classifier(self, num_classes: int) -> nn.Dense:
         return nn.Dense(num_classes, in_units=self._features_width, weight_initializer=DENSE_INIT)
