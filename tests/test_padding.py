@@ -160,3 +160,17 @@ def test_files_keep_the_paper_shapes_and_a_run_resumes_across_channel_multiples(
         logits[multiple] = trainer.net(x).asnumpy()
     np.testing.assert_allclose(logits["1"], logits["16"], rtol=0, atol=1e-5)
     np.testing.assert_allclose(net(x).asnumpy(), logits["1"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["xception_slim", "xception41"])
+def test_a_padded_network_starts_from_the_weights_of_the_paper_width_one(name):
+    """From the same seed, runs at 1 and 16 start from the same canonical weights (the twin draws them)."""
+    mx.random.seed(11)
+    paper = get_model(name, num_classes=10)
+    paper.initialize()
+    mx.random.seed(11)
+    padded = get_model(name, num_classes=10, channel_multiple=16)
+    padded.initialize()
+    canonical = ChannelLayout.of(padded).to_canonical({n: p.data() for n, p in named_params(padded).items()})
+    for name_, param in named_params(paper).items():
+        np.testing.assert_array_equal(canonical[name_].asnumpy(), param.data().asnumpy(), err_msg=name_)

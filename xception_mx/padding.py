@@ -105,8 +105,17 @@ class Padded:
                           prefix=self.prefix)  # type: ignore[attr-defined]
 
     def initialize(self, init=mx.init.Uniform(), ctx=None, verbose=False, force_reinit=False):  # noqa: B008
+        """Gluon's initialize; a padded network takes the weights its paper-width twin draws (the same draws as a
+        network built with ``channel_multiple=1`` from the same seed), the added channels zero."""
+        if self.channel_multiple == 1:
+            return super().initialize(init, ctx, verbose, force_reinit)
+        twin = self.canonical_twin()
+        twin.initialize(init, ctx=mx.cpu(), verbose=verbose)
         super().initialize(init, ctx, verbose, force_reinit)
-        self.zero_added_channels()
+        layout = ChannelLayout.of(self)
+        arrays = layout.to_padded({n: p.data() for n, p in twin._collect_params_with_prefix().items()})
+        for name, param in self._collect_params_with_prefix().items():
+            param.set_data(arrays[name])
 
     def zero_added_channels(self, statistics_only: bool = False) -> None:
         """Set the added channels of every parameter (on every device) to zero: what keeps the paper's function
