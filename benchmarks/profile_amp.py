@@ -16,7 +16,8 @@ fp32 by a wrapper that casts their input once, instead of amp's bf16-then-fp32 d
 (block3's convs in fp32 by the wrapper), ``_relu`` (F.relu as Activation(act_type='relu'), which has a oneDNN bf16
 kernel), ``_noscale`` (no dynamic loss scaler after ``amp.init_trainer``: bf16 needs none), ``_nobn`` (BatchNorm in
 fp32 ops), ``_w736`` (what-if: 736 instead of 728 middle-flow channels, so oneDNN's blocked kernels fit MXNet's
-unpadded buffers; not the paper's network). timm (reference venv): ``timm_fp32``,
+unpadded buffers; not the paper's network), ``_m16`` (``channel_multiple=16``: the paper's network at padded widths,
+what ``--channel-multiple auto`` trains on CPUs). timm (reference venv): ``timm_fp32``,
 ``timm_bf16`` (``torch.autocast('cpu', torch.bfloat16)``), channels_last.
 
 ``--profile`` names variants to profile after timing: an MXNet aggregate-stats table of one step (top operators,
@@ -106,6 +107,8 @@ def build_ours(variant: str, batch: int, size: int):
     mx.random.seed(0)
     # ``_w736``: a what-if with 736 middle-flow channels (a multiple of 16, not the paper's 728).
     widths = {"filter_list": (64, 128, 256, 736, 1024, 1536, 2048)} if "_w736" in variant else {}
+    if "_m16" in variant:  # the product's padded widths (channel_multiple 16): every depthwise conv in bf16
+        widths["channel_multiple"] = 16
     net = get_model("xception", **widths)
     net.initialize(ctx=mx.cpu())
     net.hybridize(static_alloc=True, static_shape=True)

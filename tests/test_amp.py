@@ -172,9 +172,10 @@ def test_the_demo_trained_in_bfloat16_reaches_97_percent(tmp_path):
     assert json.loads(report.read_text())["top1"] >= 0.97
 
 
-def test_bfloat16_keeps_depthwise_convolutions_float32_and_relu_is_activation():
-    """Regression tests of two workarounds (xception_mx.precision, xception_mx.model.relu): under bfloat16 AMP the
-    depthwise convolutions run float32 and the pointwise ones bfloat16 (type inference only, any CPU); every ReLU is
+def test_bfloat16_keeps_only_unblocked_depthwise_convolutions_float32_and_relu_is_activation():
+    """Regression tests of two workarounds (xception_mx.precision, xception_mx.model.relu): under bfloat16 AMP a
+    depthwise convolution runs float32 exactly when its width is not a multiple of 16 (728 at the paper's widths;
+    none at ``channel_multiple`` 16), every other convolution bfloat16 (type inference only, any CPU); every ReLU is
     an ``Activation`` (oneDNN's bfloat16 kernel), in both families."""
     result = python("""
         import json
@@ -183,26 +184,33 @@ def test_bfloat16_keeps_depthwise_convolutions_float32_and_relu_is_activation():
         Precision("bfloat16")
         from xception_mx import get_model
         found = {}
-        for name, kwargs in (("xception_slim", {"filter_list": (8, 8, 16, 16, 24, 24, 32)}), ("xception41", {})):
+        for name, kwargs in (("xception_slim", {"filter_list": (8, 8, 16, 16, 24, 24, 32)}), ("xception41", {}),
+                             ("xception41", {"channel_multiple": 16})):
             net = get_model(name, num_classes=4, **kwargs)
             net.initialize()
             internals = net(mx.sym.var("data")).get_internals()
             _, types, _ = internals.infer_type(data="float32")
             graph = json.loads(internals.tojson())
             conv_nodes = {n["name"] + "_output": n for n in graph["nodes"] if n["op"] == "Convolution"}
+            width = {name: int(n["attrs"]["num_filter"]) for name, n in conv_nodes.items()}
             grouped = {name for name, n in conv_nodes.items() if int(n.get("attrs", {}).get("num_group", "1")) > 1}
             convs = {node: "float32" if np.dtype(dtype) == np.float32 else "bfloat16"
                      for node, dtype in zip(internals.list_outputs(), types) if node in conv_nodes}
-            found[name] = {"depthwise": sorted({t for n, t in convs.items() if n in grouped}),
-                           "pointwise": sorted({t for n, t in convs.items() if n not in grouped}),
-                           "count": len(grouped), "ops": sorted({n["op"] for n in graph["nodes"]})}
+            found[f"{name} {kwargs}"] = {
+                "depthwise": sorted({(width[n] % 16 == 0, t) for n, t in convs.items() if n in grouped}),
+                "pointwise": sorted({t for n, t in convs.items() if n not in grouped}),
+                "ops": sorted({n["op"] for n in graph["nodes"]})}
         print(json.dumps(found))
     """)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name, found in json.loads(result.stdout.strip().splitlines()[-1]).items():
-        assert found["count"] > 0 and found["depthwise"] == ["float32"], name
-        assert found["pointwise"] == ["bfloat16"], name
-        assert "relu" not in found["ops"] and "Activation" in found["ops"], name
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, seen in found.items():
+        assert seen["pointwise"] == ["bfloat16"], name
+        assert "relu" not in seen["ops"] and "Activation" in seen["ops"], name
+    blocked_and_not = [[False, "float32"], [True, "bfloat16"]]
+    assert found["xception_slim {'filter_list': (8, 8, 16, 16, 24, 24, 32)}"]["depthwise"] == blocked_and_not
+    assert found["xception41 {}"]["depthwise"] == blocked_and_not  # 728 float32; 128, 256, 1024, 1536 bfloat16
+    assert found["xception41 {'channel_multiple': 16}"]["depthwise"] == [[True, "bfloat16"]]
 
 
 @needs_cpu_flag("amx_bf16", "AMX is only requested where the CPU has it")

@@ -9,7 +9,7 @@ import mxnet as mx
 import numpy as np
 import pytest
 
-from helpers import ROOT, TINY_FILTERS
+from helpers import ROOT, TINY_FILTERS, needs_cpu_flag
 from xception_mx import get_model
 from xception_mx.deploy import main as deploy_main
 
@@ -30,16 +30,17 @@ def one_line(result) -> str:
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    """The demo's digits shards and a model trained on them (the demo recipe, fewer epochs)."""
+    """The demo's digits shards and a briefly trained model (the demo recipe, 2 epochs: about 93% top-1, where
+    reduced precision is more likely to flip predictions than on a converged model)."""
     folder = tmp_path_factory.mktemp("digits")
     made = run("-m", "im2rec_tools", "demo-digits", folder / "data")
     assert made.returncode == 0, made.stderr
     out = folder / "run"
     config = os.path.join(ROOT, "configs", "demo_digits.yaml")
     trained = run(os.path.join(ROOT, "train_xception.py"), "--config", config, "--data-dir", folder / "data",
-                  "--output-dir", out, "--num-epochs", "4", timeout=900)
+                  "--output-dir", out, "--num-epochs", "2", timeout=900)
     assert trained.returncode == 0, trained.stderr[-2000:]
-    return folder / "data", out / "xception_slim", 4
+    return folder / "data", out / "xception_slim", 2
 
 
 def score_json(prefix, epoch, rec, *extra, tmp):
@@ -67,13 +68,44 @@ def test_onednn_fusion_partitions_every_model_and_keeps_the_logits(name, kwargs)
     assert "_sg_mkldnn_conv" in graph  # it did fuse
 
 
-def test_score_fuses_by_default_and_agrees_with_the_unfused_graph(digits, tmp_path):
+def test_score_fuses_and_pads_by_default_and_agrees_with_the_graph_as_exported(digits, tmp_path):
     data, prefix, epoch = digits
     fused = score_json(prefix, epoch, data / "val", tmp=tmp_path)
-    plain = score_json(prefix, epoch, data / "val", "--no-fuse", tmp=tmp_path)
+    plain = score_json(prefix, epoch, data / "val", "--no-fuse", "--channel-multiple", "1", tmp=tmp_path)
     assert fused["fused"] and not plain["fused"]
+    assert (fused["channel_multiple"], plain["channel_multiple"]) == (16, 1)
     assert fused["top1"] == plain["top1"] and fused["images"] == plain["images"] == 359
     assert fused["cross_entropy"] == pytest.approx(plain["cross_entropy"], rel=1e-5)
+
+
+@needs_cpu_flag("avx512_bf16", "bfloat16 inference is refused without it")
+def test_bfloat16_scoring_pads_at_load_and_stays_within_half_a_point_of_fp32(digits, tmp_path):
+    data, prefix, epoch = digits
+    fp32 = score_json(prefix, epoch, data / "val", tmp=tmp_path)
+    bf16 = score_json(prefix, epoch, data / "val", "--amp", "bfloat16", tmp=tmp_path)
+    assert (bf16["amp"], bf16["channel_multiple"], fp32["amp"], fp32["channel_multiple"]) == ("bfloat16", 16, "off", 16)
+    assert bf16["images"] == fp32["images"] == 359
+    assert abs(bf16["top1"] - fp32["top1"]) <= 0.005, (bf16["top1"], fp32["top1"])
+
+
+@needs_cpu_flag("avx512_bf16", "xception-deploy bfloat16 is refused without it")
+def test_bfloat16_export_keeps_the_papers_shapes_in_half_the_bytes_and_scores_within_half_a_point(digits, tmp_path):
+    data, prefix, epoch = digits
+    out = tmp_path / "bf16"
+    result = run("-m", "xception_mx.deploy", "bfloat16", "--model-prefix", prefix, "--epoch", epoch, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fp32_params = mx.nd.load(f"{prefix}-{epoch:04d}.params")
+    bf16_params = mx.nd.load(f"{out}-0000.params")
+    assert {k: v.shape for k, v in bf16_params.items()} == {k: v.shape for k, v in fp32_params.items()}
+    weights = [v for k, v in bf16_params.items() if k.endswith("_weight")]  # convolutions and the classifier
+    assert weights and all(v.dtype != np.float32 for v in weights)
+    assert os.path.getsize(f"{out}-0000.params") < 0.6 * os.path.getsize(f"{prefix}-{epoch:04d}.params")
+    fp32 = score_json(prefix, epoch, data / "val", tmp=tmp_path)
+    bf16 = score_json(out, 0, data / "val", tmp=tmp_path)
+    assert (bf16["amp"], bf16["channel_multiple"], bf16["fused"]) == ("bfloat16", 16, False)
+    assert bf16["images"] == 359 and abs(bf16["top1"] - fp32["top1"]) <= 0.005, (bf16["top1"], fp32["top1"])
+    refused = run("-m", "xception_mx.deploy", "onnx", "--model-prefix", out, "--epoch", 0, "--out", tmp_path / "m.onnx")
+    assert refused.returncode == 2 and "bfloat16 export" in one_line(refused)
 
 
 def test_int8_scores_within_half_a_point_of_fp32(digits, tmp_path):
@@ -155,6 +187,7 @@ def test_softmax_head_binds_in_module_and_gives_scores_top1(digits, tmp_path):
     ("no_vnni", "no VNNI instructions"),
     ("onnx_missing_folder", "does not exist"),
     ("onnx_too_new", "pip install 'onnx>=1.14,<1.17'"),
+    ("no_bf16", "lacks bfloat16 instructions"),
 ])
 def test_bad_deploy_input_is_one_line_and_writes_nothing(digits, tmp_path, case, fragment):
     data, prefix, epoch = digits
@@ -165,12 +198,15 @@ def test_bad_deploy_input_is_one_line_and_writes_nothing(digits, tmp_path, case,
         args = ["int8", *base, "--calib-rec", str(tmp_path / "empty.rec"), "--out", str(tmp_path / "q")]
     elif case == "no_vnni":
         args = ["int8", *base, "--calib-rec", str(data / "val"), "--out", str(tmp_path / "q")]
+    elif case == "no_bf16":
+        args = ["bfloat16", *base, "--out", str(tmp_path / "b")]
     elif case == "onnx_missing_folder":
         args = ["onnx", *base, "--out", str(tmp_path / "nowhere" / "m.onnx")]
     else:
         args = ["onnx", *base, "--out", str(tmp_path / "m.onnx")]
     patch = {"no_vnni": "deploy._cpu_flags = lambda: {'avx2', 'avx512f'}\n",
-             "onnx_too_new": "import onnx; del onnx.mapping\n"}.get(case, "")
+             "onnx_too_new": "import onnx; del onnx.mapping\n",
+             "no_bf16": "from xception_mx import inference; inference.cpu_flags = lambda: {'avx512f'}\n"}.get(case, "")
     script = f"import sys\nfrom xception_mx import deploy\n{patch}sys.exit(deploy.main({args!r}))\n"
     result = run("-c", script)
     assert result.returncode != 0

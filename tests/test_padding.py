@@ -142,8 +142,8 @@ def test_files_keep_the_paper_shapes_and_a_run_resumes_across_channel_multiples(
     """A padded run resumed in a new process is bit-exact; its checkpoints and exports hold the paper's shapes; the
     same checkpoint loaded at 1 and at 16 gives the same network (logits equal within fp32 rounding)."""
     from helpers import assert_same_states, state_params, straight_and_resumed
+    from xception_mx.inference import load_exported
     from xception_mx.plan import plan_run
-    from xception_mx.score import load_exported
     from xception_mx.train import Trainer
 
     straight, resumed = straight_and_resumed(colour_shards, tmp_path, "--filter-list", ODD, "--channel-multiple",

@@ -4,6 +4,8 @@
   (``PREFIX-symbol.json`` + ``PREFIX-0000.params``) that ``score.py --epoch 0`` scores like any other;
 - ``onnx``: ``mx.onnx.export_model`` -> ``model.onnx`` with the preprocessing protocol in its metadata, checked
   against MXNet with onnxruntime by the command itself;
+- ``bfloat16``: ``amp.convert_model`` -> an export whose weights and layers are bfloat16 (half the file), at the
+  paper's widths like every export; ``score.py`` pads it when it loads, which is what makes it fast (README);
 - ``softmax-head``: the export with ``SoftmaxOutput(name='softmax')`` appended, for MXNet's Module-API tools
   (``Module.bind`` with ``softmax_label``, MXNet's example ``score.py``).
 
@@ -22,7 +24,8 @@ from .console import OneLineParser, run_command, setup_logging
 from .cpuinfo import cpu_flags
 from .errors import RunFailed, UserError
 
-__all__ = ["quantize", "quantize_int8", "export_onnx", "add_softmax_head", "main", "ONNX_PIN", "ONNX_TOLERANCE"]
+__all__ = ["quantize", "quantize_int8", "export_bfloat16", "export_onnx", "add_softmax_head", "main", "ONNX_PIN",
+           "ONNX_TOLERANCE"]
 
 #: MXNet 1.9.1's exporter needs onnx.mapping (gone in onnx 1.19) and stamps onnx's newest opset, which onnxruntime
 #: < 1.20 (the last beside numpy < 1.24) reads up to opset 21 and IR version 10: onnx 1.16.
@@ -59,8 +62,10 @@ def _write_export(net, out_prefix: str, pre) -> None:
 
 
 def quantize(net, calib, num_images: int, calib_mode: str = "naive"):
-    """``quantize_net_v2`` (oneDNN, all layers INT8, tensor-wise scales) of an fp32 HybridBlock, calibrated on
-    ``num_images`` images of the DataIter ``calib``; a hybridized SymbolBlock."""
+    """``quantize_net_v2`` (oneDNN, every layer INT8, tensor-wise scales) of an fp32 HybridBlock, calibrated on
+    ``num_images`` images of the DataIter ``calib``; a hybridized SymbolBlock. Measured on the demo (see
+    benchmarks/README.md): keeping the first convolution and the classifier fp32, channel-wise scales, depthwise
+    convolutions in fp32 or ``smart`` mode were never more accurate; entropy calibration much less."""
     import warnings
 
     import mxnet as mx
@@ -76,11 +81,13 @@ def quantize(net, calib, num_images: int, calib_mode: str = "naive"):
 
 def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, calib_mode: str = "naive",
                   num_calib_images: int = 512, batch_size: int = 16) -> dict:
-    """Quantize an export to INT8 with calibration batches from our validation iterator; returns a summary."""
+    """Quantize an export to INT8 with calibration batches from our validation iterator; returns a summary. The
+    export is quantized at its own (the paper's) widths: padding measured no faster in INT8 (benchmarks/)."""
     import mxnet as mx
 
     from . import data
-    from .score import export_protocol, load_exported
+    from .inference import load_exported
+    from .score import export_protocol
 
     check_int8_support()
     shards = data.find_shards(calib_rec)
@@ -107,6 +114,39 @@ def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, cali
     return {"out": out_prefix, "calib_images": count, "calib_mode": calib_mode}
 
 
+def export_bfloat16(prefix: str, epoch: int, out_prefix: str) -> dict:
+    """An fp32 export converted to bfloat16 by ``amp.convert_model`` (weights cast too, input cast inside the graph),
+    written as epoch 0 and checked against fp32 on random images; returns a summary."""
+    import mxnet as mx
+    from mxnet.contrib import amp
+
+    from .fileio import atomic_paths
+    from .inference import check_bfloat16, load_exported
+    from .score import export_protocol
+
+    check_bfloat16([mx.cpu()])
+    pre = export_protocol(prefix)
+    fp32 = load_exported(prefix, epoch, [mx.cpu()])
+    if fp32.partitioned or fp32.bfloat16:
+        raise UserError(f"{prefix} is already quantized, fused or bfloat16: convert the fp32 export")
+    symbol, args, aux = mx.model.load_checkpoint(prefix, epoch)
+    symbol, args, aux = amp.convert_model(symbol, args, aux, target_dtype="bfloat16", cast_optional_params=True)
+    # it takes fp32 images as the fp32 export does (convert_model leaves the input's cast to the caller)
+    symbol = symbol(data=mx.sym.amp_cast(mx.sym.var("data"), dtype=amp.amp.bfloat16))
+    folder = os.path.dirname(os.path.abspath(out_prefix))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    with atomic_paths(f"{out_prefix}-0000.params", f"{out_prefix}-symbol.json") as (params_tmp, symbol_tmp):
+        mx.nd.save(params_tmp, {**{f"arg:{k}": v for k, v in args.items()}, **{f"aux:{k}": v for k, v in aux.items()}})
+        symbol.save(symbol_tmp, remove_amp_cast=False)  # by default save() strips every amp_cast
+    pre.write(out_prefix)
+    images = mx.nd.random.normal(shape=(4, 3, pre.input_size, pre.input_size))
+    bf16 = load_exported(out_prefix, 0, [mx.cpu()], channel_multiple=16)
+    want, got = fp32(images), bf16(images).astype("float32")
+    return {"out": out_prefix, "max_abs_logit_diff": float((want - got).abs().max().asscalar()),
+            "same_top1": int((want.argmax(axis=1) == got.argmax(axis=1)).sum().asscalar()), "images": 4}
+
+
 def _import_onnx():
     try:
         import onnx
@@ -131,7 +171,8 @@ def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = Fa
     import numpy as np
 
     from .fileio import atomic_path
-    from .score import export_protocol, load_exported
+    from .inference import load_exported
+    from .score import export_protocol
 
     onnx, ort = _import_onnx()
     folder = os.path.dirname(os.path.abspath(out_path))
@@ -140,6 +181,9 @@ def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = Fa
     pre = export_protocol(prefix)
     shape = (3, pre.input_size, pre.input_size)
     net = load_exported(prefix, epoch, [mx.cpu()])  # checks the files
+    if net.bfloat16:
+        raise UserError(f"{prefix} is a bfloat16 export, which MXNet's ONNX exporter cannot write: export the fp32 "
+                        f"export it was converted from")
     sym, params = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
     log.info("exporting %s-%04d to ONNX, then checking it with onnxruntime...", prefix, epoch)
     with atomic_path(out_path) as tmp:
@@ -177,8 +221,9 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
     import mxnet as mx
 
     from .fileio import atomic_path, atomic_write_text
+    from .inference import load_exported
     from .model import FEATURES_NAME
-    from .score import export_protocol, load_exported
+    from .score import export_protocol
 
     if check:
         load_exported(prefix, epoch, [mx.cpu()])  # one line for missing or mismatched files
@@ -201,7 +246,7 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
     head = mx.sym.SoftmaxOutput(data=sym, name="softmax")
     with atomic_path(f"{out_prefix}-{out_epoch:04d}.params") as tmp:
         mx.nd.save(tmp, params)
-    atomic_write_text(f"{out_prefix}-symbol.json", head.tojson())
+    atomic_write_text(f"{out_prefix}-symbol.json", head.tojson(remove_amp_cast=False))
     pre.write(out_prefix)
     features = f"{FEATURES_NAME}_output" in sym.get_internals().list_outputs()
     return {"out": out_prefix, "features_layer": f"{FEATURES_NAME}_output" if features else None}
@@ -217,11 +262,17 @@ def _parser() -> OneLineParser:
     p = commands.add_parser("int8", help="quantize an export to INT8 (oneDNN, needs VNNI)")
     _common(p)
     p.add_argument("--calib-rec", required=True, help="calibration shards (validation images): prefix, glob or list")
-    p.add_argument("--calib-mode", choices=["naive", "entropy"], default="naive")
+    p.add_argument("--calib-mode", choices=["naive", "entropy"], default="naive",
+                   help="naive: min/max of the calibration activations (entropy lost 1.4 to 40 points of top-1 on "
+                        "the demo model; check any export with score.py)")
     p.add_argument("--num-calib-images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--out", required=True, help="OUT_PREFIX of the INT8 export (epoch 0)")
     p.set_defaults(func=_run_int8)
+    p = commands.add_parser("bfloat16", help="convert an export to bfloat16 (CPUs with avx512_bf16)")
+    _common(p)
+    p.add_argument("--out", required=True, help="OUT_PREFIX of the bfloat16 export (epoch 0)")
+    p.set_defaults(func=_run_bfloat16)
     p = commands.add_parser("onnx", help="export to ONNX and check it with onnxruntime")
     _common(p)
     p.add_argument("--out", required=True, help="the .onnx file")
@@ -249,6 +300,14 @@ def _run_int8(args) -> int:
     print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
           f"calibration images, {args.calib_mode}); score it with: score.py --model-prefix {args.out} "
           f"--epoch 0 --rec VAL_SHARDS")
+    return 0
+
+
+def _run_bfloat16(args) -> int:
+    result = export_bfloat16(args.model_prefix, args.epoch, args.out)
+    print(f"bfloat16 export: {args.out}-symbol.json, {args.out}-0000.params (on {result['images']} random images: "
+          f"max |logit diff| against fp32 {result['max_abs_logit_diff']:.2e}, same top-1 {result['same_top1']}/"
+          f"{result['images']}); score it with: score.py --model-prefix {args.out} --epoch 0 --rec VAL_SHARDS")
     return 0
 
 

@@ -34,21 +34,28 @@ def _init_amp(mode: str) -> None:
     _initialised = mode
 
 
-def _keep_depthwise_float32(plain_convolution) -> None:
-    """Under bfloat16 AMP, grouped (depthwise) convolutions run in float32: their input is cast once to float32 and
-    MXNet's own operator runs, the pointwise convolutions stay bfloat16.
+#: oneDNN's blocked layouts hold channels in groups of 16 (AVX-512); MXNet 1.9.1 refuses them for other widths.
+BLOCKED_CHANNELS = 16
 
-    Workaround: with 728 channels (the middle flow; not a multiple of 16), MXNet 1.9.1 rejects oneDNN's blocked
+
+def _keep_depthwise_float32(plain_convolution) -> None:
+    """Under bfloat16 AMP, a grouped (depthwise) convolution whose width is not a multiple of 16 runs in float32:
+    its input is cast once to float32 and MXNet's own operator runs. Every other convolution runs bfloat16, so a
+    network at padded widths (``channel_multiple`` 16) runs all of its depthwise convolutions in bfloat16.
+
+    Workaround: at 728 channels (the middle flow at the paper's widths), MXNet 1.9.1 rejects oneDNN's blocked
     layouts, whose memory is padded (``src/operator/nn/mkldnn/mkldnn_convolution.cc`` refuses a primitive whose
     memory size differs from the NDArray's), so a bfloat16 depthwise convolution falls to oneDNN's plain-layout
     gemm: 4 GFLOP/s against 13 for float32 at batch 16, 19x19, and 80x slower than float32 under AMX at 37x37.
-    AMP's own ``conditional_fp32_ops`` would cast the input to bfloat16 and back. Gluon's hybridized layers call
+    At 736 the blocked bfloat16 kernel runs (benchmarks/README.md, "Mixed precision"). AMP's own
+    ``conditional_fp32_ops`` would cast the input to bfloat16 and back. Gluon's hybridized layers call
     ``mx.symbol.Convolution``, which is what is wrapped.
     """
     amp_convolution = mx.symbol.Convolution
 
     def convolution(*args, **kwargs):
-        if int(kwargs.get("num_group", 1)) > 1 and args:
+        grouped = int(kwargs.get("num_group", 1)) > 1
+        if grouped and args and int(kwargs.get("num_filter", 0)) % BLOCKED_CHANNELS:
             return plain_convolution(mx.symbol.amp_cast(args[0], dtype="float32"), *args[1:], **kwargs)
         return amp_convolution(*args, **kwargs)
 

@@ -14,7 +14,6 @@ import os
 import statistics
 import sys
 import time
-import warnings
 
 import mxnet as mx
 import numpy as np
@@ -23,71 +22,13 @@ from . import data
 from .errors import UserError
 from .evaluate import evaluate
 from .fileio import atomic_write_text
-from .model import MIN_INPUT_SIZE
+from .inference import Speedups, ready
 from .protocol import Preprocess
 from .records import check_checksums, read_classes
-from .runfolder import numbered_files
 
-__all__ = ["load_exported", "prepare", "can_fuse", "score", "benchmark", "predict", "export_protocol",
-           "write_confusion_csv"]
+__all__ = ["score", "benchmark", "predict", "export_protocol", "write_confusion_csv"]
 
 log = logging.getLogger("xception_mx.score")
-
-
-def load_exported(prefix: str, epoch: int, ctx: list[mx.Context]) -> mx.gluon.SymbolBlock:
-    """``SymbolBlock.imports`` of an export, with one-line errors for missing or mismatched files."""
-    symbol_file, params_file = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
-    if not os.path.isfile(symbol_file):
-        raise UserError(f"{symbol_file} not found: --model-prefix must name the files PREFIX-symbol.json and "
-                         f"PREFIX-NNNN.params (without the suffixes)")
-    if not os.path.isfile(params_file):
-        have = ", ".join(str(e) for e in numbered_files(prefix, ".params")) or "none"
-        raise UserError(f"{params_file} not found; epochs that exist for {prefix}: {have}")
-    for path in (symbol_file, params_file):
-        if os.path.getsize(path) == 0:
-            raise UserError(f"{path} is empty (0 bytes): the export was cut short; use another epoch")
-    try:
-        with warnings.catch_warnings():  # MXNet warns that it cannot infer the input type before the first call
-            warnings.simplefilter("ignore")
-            net = mx.gluon.SymbolBlock.imports(symbol_file, ["data"], params_file, ctx=ctx)
-    except (AssertionError, mx.base.MXNetError, ValueError, KeyError) as exc:
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{params_file} does not match {symbol_file} ({detail[:200]}): use the params file "
-                         f"exported with that symbol") from None
-    with open(symbol_file, encoding="utf-8") as f:
-        net.partitioned = "_sg_mkldnn" in f.read()  # an INT8 (or already fused) export: nothing left to fuse
-    return net
-
-
-def can_fuse(ctx: list[mx.Context]) -> bool:
-    """oneDNN graph fusion applies: CPU contexts and an MXNet build with oneDNN (MKLDNN)."""
-    return all(c.device_type == "cpu" for c in ctx) and mx.runtime.Features().is_enabled("MKLDNN")
-
-
-def prepare(net, data_shape: tuple[int, int, int], ctx: list[mx.Context], fuse: bool = True) -> bool:
-    """Hybridize ``net`` and, on CPU, let oneDNN fuse it (conv + BN + ReLU + sum into one kernel each). MXNet 1.9.1
-    takes the backend name 'MKLDNN' ('ONEDNN', MXNet 2's, is ignored with a log line). Returns whether it fused."""
-    net.hybridize(static_alloc=True)
-    if not (fuse and can_fuse(ctx) and not getattr(net, "partitioned", False)):
-        return False
-    net.optimize_for(mx.nd.zeros((1, *data_shape), ctx=ctx[0]), backend="MKLDNN", static_alloc=True)
-    return True
-
-
-def _probe(net, data_shape: tuple[int, int, int], ctx: mx.Context) -> int:
-    """Run one zero image through the net: checks the shape and returns the number of classes."""
-    if data_shape[1] < MIN_INPUT_SIZE or data_shape[2] < MIN_INPUT_SIZE:
-        raise UserError(f"--data-shape {','.join(map(str, data_shape))}: Xception needs at least "
-                         f"{MIN_INPUT_SIZE}x{MIN_INPUT_SIZE} pixels")
-    try:
-        out = net(mx.nd.zeros((1, *data_shape), ctx=ctx))
-        out.wait_to_read()
-    except mx.base.MXNetError as exc:
-        first = str(exc).strip().splitlines()[0][:200]
-        raise UserError(f"--data-shape {','.join(map(str, data_shape))} does not fit the model ({first})") from None
-    if out.ndim != 2:
-        raise UserError(f"the model's output has shape {out.shape}, expected (batch, classes)")
-    return out.shape[1]
 
 
 def export_protocol(prefix: str) -> Preprocess:
@@ -108,7 +49,7 @@ def export_protocol(prefix: str) -> Preprocess:
 def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: int,
           data_shape: tuple[int, int, int], pre: Preprocess, per_class: bool = False,
           classes: str | None = None, preprocess_threads: int = 4, progress: bool = True,
-          verify_checksums: bool = False, fuse: bool = True) -> dict:
+          verify_checksums: bool = False, speedups: Speedups = Speedups()) -> dict:  # noqa: B008 (frozen)
     """Top-1, top-5, mean cross-entropy, image count and images/s over every image of ``rec`` once."""
     shards = data.find_shards(rec)
     data.check_records(shards)
@@ -116,9 +57,8 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
     if unverifiable:
         log.info("%d of %d shards have no .crc checksum file: they cannot be checksum-verified", len(unverifiable),
                  len(shards))
-    net = load_exported(prefix, epoch, ctx)
-    num_classes = _probe(net, data_shape, ctx[0])
-    fused = prepare(net, data_shape, ctx, fuse)
+    loaded = ready(prefix, epoch, ctx, data_shape, speedups)
+    net, num_classes = loaded.net, loaded.num_classes
     total = data.count_records(shards)
     val = data.val_iter(shards, batch_size, data_shape, crop_pct=pre.crop_pct, mean=pre.mean, std=pre.std,
                         inter_method=pre.inter_method, preprocess_threads=preprocess_threads)
@@ -145,7 +85,7 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
         "protocol": {"resize_shorter": data.val_resize(max(data_shape[1:]), pre.crop_pct),
                      "crop": list(data_shape[1:]), "crop_pct": pre.crop_pct, "interpolation": pre.interpolation,
                      "channel_order": "RGB", "mean": list(pre.mean), "std": list(pre.std), "each_image_once": True},
-        "num_classes": num_classes, "fused": fused,
+        **loaded.describe(),
     }
     if per_class:
         names = read_classes(classes, num_classes)
@@ -168,11 +108,11 @@ def write_confusion_csv(path: str, confusion: np.ndarray, names: list[str]) -> N
 
 
 def benchmark(prefix: str, epoch: int, ctx: list[mx.Context], batch_sizes: list[int],
-              data_shape: tuple[int, int, int], warmup: int = 3, repeats: int = 10, fuse: bool = True) -> list[dict]:
+              data_shape: tuple[int, int, int], warmup: int = 3, repeats: int = 10,
+              speedups: Speedups = Speedups()) -> list[dict]:  # noqa: B008 (frozen)
     """Images/s and ms/batch on synthetic input for each batch size (synchronised with ``wait_to_read``)."""
-    net = load_exported(prefix, epoch, ctx)
-    _probe(net, data_shape, ctx[0])
-    prepare(net, data_shape, ctx, fuse)
+    loaded = ready(prefix, epoch, ctx, data_shape, speedups)
+    net = loaded.net
     rows = []
     for bs in batch_sizes:
         x = mx.nd.random.uniform(-1, 1, shape=(bs, *data_shape), ctx=ctx[0])
@@ -185,7 +125,7 @@ def benchmark(prefix: str, epoch: int, ctx: list[mx.Context], batch_sizes: list[
             times.append(time.perf_counter() - t0)
         median = statistics.median(times)
         rows.append({"batch_size": bs, "images_per_sec": bs / median, "ms_per_batch": 1000 * median,
-                     "best_ms_per_batch": 1000 * min(times)})
+                     "best_ms_per_batch": 1000 * min(times), **loaded.describe()})
     return rows
 
 
@@ -208,11 +148,11 @@ def _load_image(path: str, data_shape, pre: Preprocess) -> mx.nd.NDArray:
 
 
 def predict(prefix: str, epoch: int, images: list[str], ctx: mx.Context, data_shape, pre: Preprocess,
-            classes: str | None = None, top_k: int = 5, fuse: bool = True) -> list[dict]:
+            classes: str | None = None, top_k: int = 5,
+            speedups: Speedups = Speedups()) -> list[dict]:  # noqa: B008 (frozen)
     """Each image's top-k classes with softmax probabilities, under the validation protocol."""
-    net = load_exported(prefix, epoch, [ctx])
-    num_classes = _probe(net, data_shape, ctx)
-    prepare(net, data_shape, [ctx], fuse)
+    loaded = ready(prefix, epoch, [ctx], data_shape, speedups)
+    net, num_classes = loaded.net, loaded.num_classes
     names = read_classes(classes, num_classes)
     results = []
     for path in images:
