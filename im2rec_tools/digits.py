@@ -12,6 +12,7 @@ import re
 import shutil
 from collections.abc import Sequence
 
+from xception_mx.console import command_line
 from xception_mx.errors import UserError
 
 from .listing import label_entries, split_stratified, write_classes, write_lst
@@ -99,6 +100,6 @@ def describe(result: dict[str, object], digits: Sequence[int], size: int) -> str
                      + ", ".join(os.path.basename(s.rec_path) for s in packed.shards))
     mapping = ", ".join(f"{label}={d}" for label, d in enumerate(digits))
     lines.append(f"  classes: {result['classes']} (label=digit: {mapping})")
-    lines.append(f"  check them with: im2rec-tools verify {os.path.dirname(str(result['classes'])) or '.'}/train "
-                 f"--decode")
+    train = os.path.join(os.path.dirname(str(result["classes"])) or ".", "train")
+    lines.append(f"  check them with: {command_line('python -m im2rec_tools', 'verify', train, '--decode')}")
     return "\n".join(lines)

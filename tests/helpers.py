@@ -19,7 +19,7 @@ TINY_FILTERS = (8, 8, 16, 16, 24, 24, 32)
 #: The model prefix of every run ``base_args`` makes.
 PREFIX = "xception_slim"
 #: metrics.jsonl keys that differ between two runs of the same computation.
-TIME_KEYS = ("samples_per_sec", "time_s")
+TIME_KEYS = ("samples_per_sec", "time_s", "rss_mib")
 
 
 def needs_cpu_flag(flag: str, why: str):

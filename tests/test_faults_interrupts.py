@@ -3,6 +3,7 @@ between recovery checkpoints), the temporary files a killed run leaves, a killed
 code, the message and that the run resumes from what was written before."""
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -32,7 +33,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 # 1 -------------------------------------------------------------------------------------------------------------
 def test_an_interrupted_retrain_resumes_with_the_printed_command_and_branches(colour_shards, tmp_path):
-    out = tmp_path / "run"
+    out = tmp_path / "my run é (v1) it's"  # the printed command is shell-quoted
     assert train_cli(base_args(colour_shards, out, "--num-epochs", "3")).returncode == 0
     original = {e: state_params(out, e) for e in (2, 3)}
     args = ["--output-dir", str(out), "--retrain", "--model-load-epoch", "1", "--lr", "0.01", "--num-epochs", "3",
@@ -41,7 +42,8 @@ def test_an_interrupted_retrain_resumes_with_the_printed_command_and_branches(co
     signal_at_line(proc, "epoch 2 [1/4]", signal.SIGTERM)
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130, stderr[-2000:]
-    command = stderr.strip().splitlines()[-1].split("Resume with: ")[1].split()
+    command = shlex.split(stderr.strip().splitlines()[-1].split("Resume with: ")[1])
+    assert command[:3] == ["train_xception.py", "--output-dir", str(out)]
     branch = [d for d in os.listdir(out) if d.startswith("before-retrain-from-0001-")]
     assert len(branch) == 1  # the original epochs 2 and 3 and their metrics, out of the resume's way
     moved = out / branch[0]

@@ -8,13 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import sys
 from collections.abc import Callable, Sequence
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, UserError
 
-__all__ = ["CONSOLE_SCRIPTS", "program_name", "OneLineParser", "run_command", "run_cli", "setup_logging",
-           "log_to_file"]
+__all__ = ["CONSOLE_SCRIPTS", "program_name", "command_line", "OneLineParser", "run_command", "run_cli",
+           "setup_logging", "log_to_file"]
 
 #: Each command's script or ``python -m`` form (what the code names it by) -> its installed console script.
 CONSOLE_SCRIPTS = {
@@ -36,6 +37,12 @@ def program_name(prog: str) -> str:
         if typed == script and (prog == form or prog.startswith(form + " ")):
             return script + prog[len(form):]
     return prog
+
+
+def command_line(prog: str, *args: object) -> str:
+    """A command to paste into a shell: :func:`program_name` of ``prog`` and ``args``, each quoted
+    (``shlex.join``: a folder named ``my run é (v1)`` survives)."""
+    return " ".join([program_name(prog), shlex.join(map(str, args))]).rstrip()
 
 
 class OneLineParser(argparse.ArgumentParser):

@@ -31,7 +31,7 @@ import re
 import sys
 from typing import Any, Literal, overload
 
-from .console import OneLineParser, run_cli
+from .console import OneLineParser, command_line, run_cli
 from .errors import UserError
 from .protocol import Preprocess
 from .weight_formats import (
@@ -106,7 +106,7 @@ def convert(src: str, out_prefix: str, source: str | None = None) -> dict[str, A
                    "tensors": len(mapped.arrays)},
         "files": {"params": f"{base}.params", "symbol": f"{base}-symbol.json", "export_params": f"{base}-0000.params",
                   "preprocess": f"{base}-preprocess.json"},
-        "score": f"score.py --model-prefix {out_prefix} --epoch 0 --rec VAL_SHARDS",
+        "score": f"{command_line('score.py', '--model-prefix', out_prefix, '--epoch', 0)} --rec VAL_SHARDS",
     }
     _write_outputs(net, folder, base, meta, preprocess)
     return {**meta, "preprocess": preprocess.to_dict()}

@@ -18,6 +18,12 @@ Batches: ``data[0]`` (B, C, H, W) float32, ``label[0]`` (B,) float32.
 
 MXNet 1.9.1 ImageRecordIter quirks are handled here, each with a test in tests/test_data.py; ARCHITECTURE.md lists
 them. The record order does not depend on ``preprocess_threads``.
+
+Memory: a C++ ImageRecordIter freed before it reached its end, or built with ``prefetch_buffer`` > 1, never frees
+its batch buffers (apache/mxnet#15218; measured here: 4 batches per iterator at the default prefetch of 4, so an
+ImageNet epoch at batch 64 would keep 275 MB). Each epoch's iterators are therefore built with one batch of
+prefetch (it is still read ahead while the network trains: ``DEFAULT_PREFETCH``) and read to their end before they
+are dropped; the last batch served is a copy, since reading on overwrites it.
 """
 from __future__ import annotations
 
@@ -64,6 +70,10 @@ def _normalisation(mean: Sequence[float], std: Sequence[float]) -> dict[str, flo
     return dict(mean_r=mean[0], mean_g=mean[1], mean_b=mean[2], std_r=std[0], std_g=std[1], std_b=std[2])
 
 
+#: Batches the C++ iterator prepares ahead: 1 is the only value whose buffers are all freed (see above).
+DEFAULT_PREFETCH = 1
+
+
 class _BatchCountIter(mx.io.DataIter):
     """Serve exactly ``num_batches`` batches from a freshly made ImageRecordIter; ``reset`` replays the same epoch.
 
@@ -88,6 +98,15 @@ class _BatchCountIter(mx.io.DataIter):
     def reset(self) -> None:
         self._source, self._served = None, 0  # a new ImageRecordIter replays the epoch from its seeds
 
+    def _release(self) -> None:
+        """Read the C++ iterator to its end, then drop it: only then are its buffers freed (apache/mxnet#15218)."""
+        source, self._source = self._source, None
+        try:
+            while source is not None:
+                source.next()
+        except StopIteration:
+            pass
+
     def next(self) -> mx.io.DataBatch:
         if self._served >= self.num_batches:
             raise StopIteration
@@ -105,8 +124,8 @@ class _BatchCountIter(mx.io.DataIter):
                 data, label = batch.data[0], batch.label[0]
                 data[self._valid_in_last:] = mx.nd.broadcast_to(data[0:1], shape=(pad,) + data.shape[1:])
                 label[self._valid_in_last:] = label[0].asscalar()
-            batch.pad = pad
-            self._source = None  # release the C++ iterator and its threads
+            batch = mx.io.DataBatch([batch.data[0].copy()], [batch.label[0].copy()], pad=pad)  # reading on reuses it
+            self._release()
         return batch
 
 
@@ -127,7 +146,8 @@ def train_iter(rec_paths: str | Sequence[str], batch_size: int, data_shape: Sequ
                mean: Sequence[float] = (127.5,) * 3, std: Sequence[float] = (127.5,) * 3,
                min_area: float = 0.08, max_area: float = 1.0, aspect_ratio: Sequence[float] = (3 / 4, 4 / 3),
                mirror: bool = True, color_jitter: float = 0.0, pca_noise: float = 0.0, preprocess_threads: int = 4,
-               prefetch_buffer: int = 4, inter_method: int = 1, index_dir: str | None = None) -> mx.io.DataIter:
+               prefetch_buffer: int = DEFAULT_PREFETCH, inter_method: int = 1, index_dir: str | None = None
+               ) -> mx.io.DataIter:
     """One training epoch of part ``part_index`` of ``num_parts``: ``num_train_batches`` full batches, no padding.
 
     ``mean``/``std`` are per channel in RGB order on 0..255 pixels. ``inter_method`` is OpenCV's (1 bilinear,
@@ -155,7 +175,8 @@ def train_iter(rec_paths: str | Sequence[str], batch_size: int, data_shape: Sequ
 
 def val_iter(rec_paths: str | Sequence[str], batch_size: int, data_shape: Sequence[int] = (3, 299, 299), *,
              crop_pct: float = 0.8975, mean: Sequence[float] = (127.5,) * 3, std: Sequence[float] = (127.5,) * 3,
-             num_parts: int = 1, part_index: int = 0, preprocess_threads: int = 4, prefetch_buffer: int = 4,
+             num_parts: int = 1, part_index: int = 0, preprocess_threads: int = 4,
+             prefetch_buffer: int = DEFAULT_PREFETCH,
              inter_method: int = 1, index_dir: str | None = None) -> mx.io.DataIter:
     """Evaluation batches of part ``part_index``: every record once across parts; the last batch reports ``pad``.
 

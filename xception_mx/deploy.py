@@ -20,7 +20,7 @@ import os
 import sys
 import time
 
-from .console import OneLineParser, run_command, setup_logging
+from .console import OneLineParser, command_line, run_command, setup_logging
 from .cpuinfo import cpu_flags
 from .errors import RunFailed, UserError
 
@@ -298,8 +298,8 @@ def _run_int8(args) -> int:
     result = quantize_int8(args.model_prefix, args.epoch, args.calib_rec, args.out, args.calib_mode,
                            args.num_calib_images, args.batch_size)
     print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
-          f"calibration images, {args.calib_mode}); score it with: score.py --model-prefix {args.out} "
-          f"--epoch 0 --rec VAL_SHARDS")
+          f"calibration images, {args.calib_mode}); score it with: "
+          f"{command_line('score.py', '--model-prefix', args.out, '--epoch', 0)} --rec VAL_SHARDS")
     return 0
 
 
@@ -307,7 +307,8 @@ def _run_bfloat16(args) -> int:
     result = export_bfloat16(args.model_prefix, args.epoch, args.out)
     print(f"bfloat16 export: {args.out}-symbol.json, {args.out}-0000.params (on {result['images']} random images: "
           f"max |logit diff| against fp32 {result['max_abs_logit_diff']:.2e}, same top-1 {result['same_top1']}/"
-          f"{result['images']}); score it with: score.py --model-prefix {args.out} --epoch 0 --rec VAL_SHARDS")
+          f"{result['images']}); score it with: "
+          f"{command_line('score.py', '--model-prefix', args.out, '--epoch', 0)} --rec VAL_SHARDS")
     return 0
 
 

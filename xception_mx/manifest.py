@@ -33,6 +33,7 @@ class EpochRecord:
     val_top5: float | None = None
     samples_per_sec: float | None = None
     time_s: float | None = None
+    rss_mib: float | None = None  # this process's resident memory after the epoch (flat over a run: tested)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

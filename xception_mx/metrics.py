@@ -54,6 +54,16 @@ class Accumulator:
         return cls(d["count"], d["loss_sum"], {int(k): v for k, v in d["correct"].items()})
 
 
+def resident_mib() -> float | None:
+    """This process's resident memory in MiB (Linux ``/proc/self/statm``; None elsewhere)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            pages = int(f.read().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
 def read_jsonl(path: str) -> list[dict]:
     if not os.path.exists(path):
         return []

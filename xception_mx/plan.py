@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from .board import check_available
 from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved
+from .console import command_line
 from .cpuinfo import cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
@@ -159,8 +160,14 @@ def _resume_point(folder: RunFolder, draft: RunConfig) -> ResumePoint | None:
             if partial is not None and partial.epoch == (epoch or 0):
                 return ResumePoint(partial.epoch, partial, True)
         if epoch is None:
-            raise UserError(f"--resume: no complete checkpoint in {folder.folder} (prefix {folder.prefix!r}); "
-                            f"start without --resume")
+            others = [p for p in prefixes_in(folder.folder) if p != folder.prefix]
+            if others:
+                command = command_line("train_xception.py", "--output-dir", folder.folder, "--resume", "--prefix",
+                                       others[0])
+                raise UserError(f"--resume: {folder.folder} holds checkpoints of prefix {others[0]!r}, not "
+                                f"{folder.prefix!r} (the model or --prefix given): resume them with: {command}")
+            raise UserError(f"--resume: {folder.folder} holds no complete checkpoint (prefix {folder.prefix!r}): "
+                            f"nothing to resume; start without --resume")
     else:
         return None
     return ResumePoint(epoch, folder.manifest(epoch), False)

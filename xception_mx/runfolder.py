@@ -19,6 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
+from .console import command_line
 from .errors import UserError
 from .fileio import atomic_write_text
 from .manifest import Manifest
@@ -190,8 +191,14 @@ class RunFolder:
         elif latest:
             where = f"the end of epoch {latest}"
         else:
-            return "no checkpoint was written yet"
-        return f"resume from {where} with: train_xception.py --output-dir {self.folder} --resume"
+            return "no checkpoint was complete yet: start the run again (a fresh start may use this folder)"
+        return f"resume from {where} with: {self.resume_command()}"
+
+    def resume_command(self, *more: object) -> str:
+        """``train_xception.py --output-dir FOLDER --resume`` (and ``--prefix`` where the folder holds several),
+        quoted for a shell."""
+        prefix = ("--prefix", self.prefix) if len(prefixes_in(self.folder)) > 1 else ()
+        return command_line("train_xception.py", "--output-dir", self.folder, "--resume", *prefix, *more)
 
     def holds_a_run(self) -> list[str]:
         """What in the folder belongs to a run (checkpoints of any prefix, metrics): empty for a fresh folder."""

@@ -29,7 +29,7 @@ from .ema import EMA
 from .errors import Interrupted, RunFailed, UserError
 from .evaluate import evaluate, make_contexts
 from .manifest import EpochRecord, InProgress, TrainProgress
-from .metrics import Accumulator
+from .metrics import Accumulator, resident_mib
 from .optim_state import optimizer_state_arrays, restore_optimizer_state
 from .padding import ChannelLayout
 from .plan import ResumePoint, RunPlan, wants_serial_engine
@@ -245,7 +245,7 @@ class Trainer:
     def _finish_epoch(self, epoch: int, record: EpochRecord) -> EpochRecord:
         """Validate and export (with the EMA weights when on), then the checkpoint and figures (the writer's)."""
         with self._evaluation_weights():
-            record = dataclasses.replace(record, **self.validate())
+            record = dataclasses.replace(record, **self.validate(), rss_mib=resident_mib())
             self.writer.export(epoch, self.net)
         self.epoch, self.in_progress = epoch, None
         if self.best is None or (record.val_top1 or 0) > (self.best.val_top1 or 0):
@@ -258,8 +258,7 @@ class Trainer:
 
     def _stopped(self, stop: StopFlag, epoch: int, batches_done: int | None) -> str:
         where = f"in epoch {epoch} after batch {batches_done}" if batches_done is not None else f"after epoch {epoch}"
-        return (f"stopped by {stop.name} {where}; checkpoint saved. Resume with: train_xception.py --output-dir "
-                f"{self.folder.folder} --resume")
+        return f"stopped by {stop.name} {where}; checkpoint saved. Resume with: {self.folder.resume_command()}"
 
     def train_epoch(self, epoch: int, stop: StopFlag) -> EpochResult:
         """One epoch of this worker's part; a mid-epoch ``in_progress`` skips the batches already trained on.

@@ -128,7 +128,7 @@ class RunWriter(NullWriter):
         folder, config = self.folder, self.config
         epoch = self.plan.start_epoch
         self._take_folder()
-        with disk_errors(folder.folder, "the run's config"):
+        with disk_errors(folder, "the run's config"):
             dump_yaml(config, folder.config_yaml)
             Preprocess.from_config(config).write(folder.model_prefix)
             truncate_jsonl(folder.metrics, epoch)
@@ -164,7 +164,7 @@ class RunWriter(NullWriter):
     def export(self, epoch: int, net: gluon.HybridBlock) -> None:
         """The epoch's export (what ``xception-score`` loads) at the paper's widths whatever the run computed with,
         and its SoftmaxOutput twin with ``--softmax-head``."""
-        with disk_errors(self.folder.folder, f"the export of epoch {epoch}"):
+        with disk_errors(self.folder, f"the export of epoch {epoch}"):
             export_atomic(canonical_export(net, self.config.input_size), self.folder.model_prefix, epoch)
             if self.config.softmax_head:
                 from .deploy import add_softmax_head
@@ -177,12 +177,12 @@ class RunWriter(NullWriter):
         folder, epoch = self.folder, record.epoch
         self.board.scalars(_updates(state), {f"epoch/{k}": v for k, v in record.to_dict().items()})
         self._save_state(epoch, state, record)
-        with disk_errors(folder.folder, f"the metrics of epoch {epoch}"):
+        with disk_errors(folder, f"the metrics of epoch {epoch}"):
             append_synced(folder.metrics, json.dumps(record.to_dict()) + "\n")
         folder.remove(None)  # a mid-epoch checkpoint is now stale
         best = state.progress.best
         folder.prune(epoch, self.config.keep_last, best.epoch if best else None)
-        with disk_errors(folder.folder, "best.json and curves.png"):
+        with disk_errors(folder, "best.json and curves.png"):
             atomic_write_text(folder.best, json.dumps(best.to_dict() if best else {}, indent=1, sort_keys=True))
             plot_curves(folder.metrics, folder.curves)
 
@@ -192,7 +192,7 @@ class RunWriter(NullWriter):
         manifest = Manifest(state.progress, self.config.to_dict(), self.plan.schedule, record, mx.__version__,
                             self.folder.prefix, os.environ.get("MXNET_ENGINE_TYPE", "ThreadedEnginePerDevice"))
         what = f"the checkpoint of epoch {epoch}" if epoch is not None else "the mid-epoch checkpoint"
-        with disk_errors(self.folder.folder, what):
+        with disk_errors(self.folder, what):
             save_state(self.folder, epoch, state.arrays, manifest)
 
 
