@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import mxnet as mx
 import numpy as np
 import pytest
 
@@ -136,7 +137,8 @@ def test_val_round_trip_content_labels_and_pad(tmp_path):
     """Pixels, labels and order survive make-list + pack (3 shards) + val_iter, and the partial batch is padded."""
     prefix, _, entries = _build(tmp_path, per_class=7, shards=3, flat=False, size=SHAPE[1])
     it = data.val_iter(prefix, 8, SHAPE, crop_pct=1.0, preprocess_threads=2, **PLAIN)
-    batches = list(it)
+    # A batch's arrays are the iterator's buffers, valid until the next batch is read: kept ones are copies.
+    batches = [mx.io.DataBatch([b.data[0].copy()], [b.label[0].copy()], pad=b.pad) for b in it]
     assert len(batches) == len(it) == 3 and [b.pad for b in batches] == [0, 0, 3]
     images = np.concatenate([b.data[0].asnumpy() for b in batches])
     labels = np.concatenate([b.label[0].asnumpy() for b in batches])

@@ -133,7 +133,7 @@ def test_resume_accepts_unchanged_values_more_epochs_and_other_devices(tmp_path)
 
 @pytest.mark.parametrize("setup, argv, fragment", [
     ("run", ["--num-epochs", "2"], "the checkpoint is at epoch 2 and num_epochs is 2"),
-    ("empty", [], "no complete checkpoint in"),
+    ("empty", [], "holds no complete checkpoint"),
     ("run", ["--resume", "7"], "epochs that exist: 1, 2"),
     ("two_prefixes", [], "holds checkpoints of 2 prefixes (a, b): pass --prefix"),
 ])

@@ -14,7 +14,9 @@
 * ``val_iter``: shorter side resized to ``floor(size / crop_pct)`` (333 for 299, as timm and Keras evaluate
   Xception), centre crop, no shuffle; every record exactly once across parts; the last, partial batch reports
   ``batch.pad`` (its padding rows repeat the batch's first image) so metrics can drop it.
-Batches: ``data[0]`` (B, C, H, W) float32, ``label[0]`` (B,) float32.
+Batches: ``data[0]`` (B, C, H, W) float32, ``label[0]`` (B,) float32. A batch's arrays are the iterator's own
+buffers, valid until the next batch is read (as with any MXNet ``DataIter``): copy them to keep them (``list(it)``
+does not).
 
 MXNet 1.9.1 ImageRecordIter quirks are handled here, each with a test in tests/test_data.py; ARCHITECTURE.md lists
 them. The record order does not depend on ``preprocess_threads``.
