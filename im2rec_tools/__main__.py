@@ -62,6 +62,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--labels", metavar="FILE.csv", help="flat folder: 'relative_path,class_name' rows")
     p.add_argument("--classes", metavar="CLASSES.txt",
                    help="reuse this class table (e.g. train's) so labels match; default: the sorted class names found")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept --labels paths outside IMAGE_ROOT (absolute, or with ..)")
     p.set_defaults(func=_run_make_list)
 
     p = commands.add_parser("pack", help="pack an image list into RecordIO shards",
@@ -78,6 +80,8 @@ def build_parser() -> OneLineParser:
     p.add_argument("--workers", type=_int_at_least(1), default=min(4, os.cpu_count() or 1),
                    help="encoding processes (default: min(4, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="rebuild complete shards too")
+    p.add_argument("--allow-outside-root", action="store_true",
+                   help="accept list paths outside --image-root (absolute, or with ..)")
     p.set_defaults(func=_run_pack)
 
     p = commands.add_parser("verify", help="check shards record by record",
@@ -106,7 +110,7 @@ def _run_make_list(args) -> int:
     from .listing import make_lists
 
     written, notes = make_lists(args.image_root, args.out_prefix, args.val_ratio, args.seed, args.labels,
-                                args.classes)
+                                args.classes, args.allow_outside_root)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     for path, rows in written.items():
@@ -119,7 +123,7 @@ def _run_pack(args) -> int:
     from .packing import pack
 
     result = pack(args.lst, args.out_prefix, args.image_root, args.shards, args.resize, args.quality, args.workers,
-                  args.overwrite)
+                  args.overwrite, allow_outside=args.allow_outside_root)
     left_alone = [s for s in result.shards if not s.built]
     for shard in result.shards if len(result.shards) <= 16 else left_alone[:16]:
         state = "built" if shard.built else "already complete, left alone"

@@ -93,7 +93,22 @@ def _walk_images(root: str, class_dir: str) -> list[str]:
     return found
 
 
-def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
+def outside_root(rel_path: str) -> bool:
+    """A list path that leaves the image root (absolute, or climbing out with ``..``); read lexically, so
+    symlinked class folders inside the root stay allowed."""
+    norm = os.path.normpath(rel_path)
+    return os.path.isabs(norm) or norm == ".." or norm.startswith(".." + os.sep)
+
+
+def check_inside_root(paths: list[str], source: str, root: str) -> None:
+    """One line for the first path of ``source`` that leaves ``root``."""
+    outside = [p for p in paths if outside_root(p)]
+    if outside:
+        raise UserError(f"{source} lists {len(outside)} path(s) outside {root} (first: {outside[0]}): paths must be "
+                        f"relative to the image root; pass --allow-outside-root if that is intended")
+
+
+def read_labels_csv(root: str, csv_path: str, allow_outside: bool = False) -> list[tuple[str, str]]:
     """[(relative path, class name)] from ``relative_path,class_name`` rows; a header row is allowed."""
     if not os.path.isfile(csv_path):
         raise UserError(f"labels file {csv_path} does not exist")
@@ -115,6 +130,8 @@ def read_labels_csv(root: str, csv_path: str) -> list[tuple[str, str]]:
         items.append((path, name))
     if not items:
         raise UserError(f"labels file {csv_path} has no rows")
+    if not allow_outside:
+        check_inside_root([p for p, _ in items], csv_path, root)
     missing = [p for p, _ in items if not os.path.isfile(os.path.join(root, p))]
     if missing:
         raise UserError(f"{len(missing)} files listed in {csv_path} are not under {root} (first: {missing[0]}): "
@@ -232,7 +249,8 @@ def list_outputs(out_prefix: str, val_ratio: float) -> dict[str, str]:
 
 
 def make_lists(image_root: str, out_prefix: str, val_ratio: float = 0.1, seed: int = 0,
-               labels_csv: str | None = None, classes_file: str | None = None) -> tuple[dict[str, list], list[str]]:
+               labels_csv: str | None = None, classes_file: str | None = None, allow_outside: bool = False
+               ) -> tuple[dict[str, list], list[str]]:
     """Scan ``image_root`` and write the lists; returns ({output path: entries or class names}, notes)."""
     if not 0 <= val_ratio < 1:
         raise UserError(f"--val-ratio must be in [0, 1), got {val_ratio}")
@@ -241,7 +259,7 @@ def make_lists(image_root: str, out_prefix: str, val_ratio: float = 0.1, seed: i
         raise UserError(f"image folder {image_root} does not exist")
     notes: list[str]
     if labels_csv:
-        items, notes = read_labels_csv(image_root, labels_csv), []
+        items, notes = read_labels_csv(image_root, labels_csv, allow_outside), []
         found_classes = sort_class_names(name for _, name in items)
         source = labels_csv
     else:

@@ -17,10 +17,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 from xception_mx.errors import UserError
-from xception_mx.fileio import atomic_paths, atomic_write_text
+from xception_mx.fileio import atomic_paths, atomic_write_text, write_errors
 
 from .images import ImageDecodeError, prepare_jpeg
-from .listing import ListEntry, check_out_prefix, read_lst
+from .listing import ListEntry, check_inside_root, check_out_prefix, read_lst
 from .shards import checksum_path_for, compute_checksums, idx_path_for, shard_path
 
 SKIPPED_HEADER = "# shard\tindex\tpath\treason\n"
@@ -77,7 +77,9 @@ def _write_shard(rec_path: str, shard: int, entries: Sequence[ListEntry],
         os.remove(idx_path)  # the .idx marks a complete shard: drop it before the .rec is replaced
     outcome = ShardOutcome(rec_path, 0, True)
     # Renamed .rec first, then the checksums, then the .idx (whose presence marks a complete shard).
-    with atomic_paths(rec_path, checksum_path_for(rec_path), idx_path) as (tmp_rec, tmp_crc, tmp_idx):
+    with write_errors(os.path.dirname(os.path.abspath(rec_path)), f"shard {os.path.basename(rec_path)}",
+                      "free space and run the same pack again (complete shards are kept)"), \
+            atomic_paths(rec_path, checksum_path_for(rec_path), idx_path) as (tmp_rec, tmp_crc, tmp_idx):
         writer = mx.recordio.MXIndexedRecordIO(tmp_idx, tmp_rec, "w")
         try:
             for entry, (index, jpeg, reason) in zip(entries, results):
@@ -125,7 +127,7 @@ def _write_skipped(path: str, rows: list[tuple[int, int, str, str]]) -> str | No
 
 
 def pack(lst_path: str, out_prefix: str, image_root: str, shards: int = 1, resize: int = 0, quality: int = 95,
-         workers: int = 1, overwrite: bool = False, progress: bool = True) -> PackResult:
+         workers: int = 1, overwrite: bool = False, progress: bool = True, allow_outside: bool = False) -> PackResult:
     """Pack the images of ``lst_path`` (paths relative to ``image_root``) into ``shards`` RecordIO shards."""
     from tqdm import tqdm
 
@@ -135,6 +137,8 @@ def pack(lst_path: str, out_prefix: str, image_root: str, shards: int = 1, resiz
         raise UserError(f"image folder {image_root} does not exist (--image-root)")
     check_out_prefix(out_prefix)
     entries = read_lst(lst_path)
+    if not allow_outside:
+        check_inside_root([e.path for e in entries], lst_path, image_root)
     if shards > len(entries):
         raise UserError(f"--shards {shards} is more than the {len(entries)} images in {lst_path}")
     paths = [os.path.join(image_root, e.path) for e in entries]

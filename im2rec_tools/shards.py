@@ -265,7 +265,13 @@ def read_checksums(rec_path: str) -> dict[int, tuple[str, int, int]] | None:
         return None
     out = {}
     with open(path, encoding="utf-8", errors="replace") as f:
-        for line_no, line in enumerate(f, 1):
+        if f.readline() != CHECKSUM_HEADER:
+            raise UserError(f"{path} is empty or not a checksum file of im2rec-tools pack (its first line is not "
+                            f"the header): delete it, or repack the shard")
+        for line_no, line in enumerate(f, 2):
+            if not line.endswith("\n"):
+                raise UserError(f"{path} ends inside line {line_no}: it was cut short; repack the shard or delete "
+                                f"the checksum file")
             if line.startswith("#") or not line.strip():
                 continue
             fields = line.rstrip("\n").split("\t")
@@ -283,25 +289,63 @@ def checksum_problems(rec_path: str, full: bool = True) -> list[tuple[str, str]]
 
     ``full=False`` compares only the record count and offsets (no reading of the ``.rec``).
     """
-    sums = read_checksums(rec_path)
+    try:
+        sums = read_checksums(rec_path)
+    except UserError as exc:  # a damaged sidecar is one problem, named like the others
+        return [("checksum file", str(exc))]
     if sums is None:
         return None
-    spans = record_spans(idx_path_for(rec_path), os.path.getsize(rec_path))
+    rec_size = os.path.getsize(rec_path)
+    spans = record_spans(idx_path_for(rec_path), rec_size)
     problems = []
     if len(sums) != len(spans):
         problems.append(("checksum file", f"lists {len(sums)} records, the .idx {len(spans)}: they are not of the "
                                           f"same pack"))
     with open(rec_path, "rb") as f:
-        for i, (key, offset, size) in enumerate(spans):
+        for i, (key, offset, _span) in enumerate(spans):
             where = f"index {i} (key {key}, byte {offset})"  # as verify names a record
             if offset not in sums or sums[offset][0] != key:
-                problems.append((where, "not in the checksum file at this offset: the .idx does not belong to this "
-                                        "shard's pack"))
+                problems.append((where, "not in the checksum file at this offset: the .idx and the .crc are not of "
+                                        "the same pack"))
+                continue
+            if offset + sums[offset][1] > rec_size:
+                problems.append((where, f"cut off: the .rec ends at byte {rec_size}, the record needs "
+                                        f"{sums[offset][1]} bytes from {offset} (a truncated copy)"))
                 continue
             if not full:
                 continue
             f.seek(offset)
-            data = f.read(size)
-            if len(data) != sums[offset][1] or zlib.crc32(data) != sums[offset][2]:
+            data = f.read(sums[offset][1])  # the packed record (a .idx cut short makes the last span run on)
+            if zlib.crc32(data) != sums[offset][2]:
                 problems.append((where, "checksum mismatch: its bytes changed since it was packed (corrupt data)"))
     return problems
+
+
+def shard_fingerprint(rec_path: str) -> tuple[int, int]:
+    """What every copy of a shard shares: its size and the CRC-32 of its records' checksums in order (from its
+    ``.crc``), or without one the CRC-32 of its first and last MiB."""
+    size = os.path.getsize(rec_path)
+    sidecar = checksum_path_for(rec_path)
+    if os.path.isfile(sidecar):
+        with open(sidecar, "rb") as f:
+            crcs = [line.rsplit(b"\t", 1)[-1] for line in f.read().splitlines()[1:]]
+        return size, zlib.crc32(b"".join(crcs))
+    with open(rec_path, "rb") as f:
+        head = f.read(1 << 20)
+        f.seek(max(len(head), size - (1 << 20)))
+        return size, zlib.crc32(head + f.read())
+
+
+def duplicate_shards(rec_paths: list[str]) -> list[tuple[str, str]]:
+    """(first, copy) for every shard holding the same records as an earlier one in ``rec_paths`` (empty ones aside)."""
+    first: dict[tuple[int, int], str] = {}
+    copies = []
+    for path in rec_paths:
+        if os.path.getsize(path) == 0:
+            continue
+        key = shard_fingerprint(path)
+        if key in first:
+            copies.append((first[key], path))
+        else:
+            first[key] = path
+    return copies

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from .headers import image_problem
 from .recordfile import RecordError, read_record
-from .shards import checksum_problems, idx_path_for, lookup_shards
+from .shards import checksum_problems, duplicate_shards, idx_path_for, lookup_shards
 
 
 @dataclass
@@ -177,6 +177,10 @@ def verify(spec: str, decode: bool = False, workers: int = 1, progress: bool = T
                                 desc="verify", unit="shard", disable=not progress, file=sys.stderr))
     else:
         reports = [verify_shard(p, decode, progress) for p in usable]
+    by_path = {r.rec_path: r for r in reports}
+    for first, copy in duplicate_shards(usable):
+        by_path[copy].bad.append(("whole shard", f"holds the same records as {os.path.basename(first)}: a copied "
+                                                 f"shard? remove one of them"))
     return reports, lookup.problems
 
 

@@ -30,6 +30,8 @@ def test_flags_override_yaml_which_overrides_defaults(tmp_path):
     ("mean: [1, 2]\n", "mean needs 3 values"),
     ("- a\n- b\n", "must be a mapping"),
     ("lr: [\n", "not valid YAML"),
+    ("prefix: ../x\n", "prefix must be a plain file name"),
+    ("prefix: runs/x\n", "prefix must be a plain file name"),
 ])
 def test_bad_yaml_is_one_line(tmp_path, yaml_text, fragment):
     cfg = tmp_path / "c.yaml"

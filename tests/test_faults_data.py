@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,8 +26,12 @@ def _damage_image(shard_rec, index, how):
         image_at, image_len = offsets[index] + 8 + 24, (int(lrec) & ((1 << 29) - 1)) - 24
         f.seek(image_at)
         image = f.read(image_len)
-        new = (b"not a jpeg " * image_len)[:image_len] if how == "not_image" else \
-            image[:image.index(b"\xff\xda")] + b"\0" * (image_len - image.index(b"\xff\xda"))
+        if how == "not_image":
+            new = (b"not a jpeg " * image_len)[:image_len]
+        elif how == "cut_jpeg":
+            new = image[:image.index(b"\xff\xda")] + b"\0" * (image_len - image.index(b"\xff\xda"))
+        else:  # cut_in_scan: the second half of the compressed data gone (a download cut short); decodes, warned
+            new = image[:image_len // 2] + b"\0" * (image_len - image_len // 2)
         f.seek(image_at)
         f.write(new)
 
@@ -34,6 +39,7 @@ def _damage_image(shard_rec, index, how):
 @pytest.mark.parametrize("where, how, fragment", [
     ("val", "not_image", "holds no decodable image"),  # MXNet died with SIGFPE at validation, after an epoch
     ("train", "cut_jpeg", "holds a JPEG"),  # a valid header and no image data: SIGFPE too
+    ("train", "cut_in_scan", "is a JPEG cut off before its end"),  # trained on silently before
 ])
 def test_an_undecodable_image_stops_the_run_at_start_with_one_line(colour_shards, tmp_path, where, how, fragment):
     shards = tmp_path / "shards"
@@ -80,7 +86,8 @@ def verify(*args):
                           text=True, cwd=ROOT, timeout=120)
 
 
-@pytest.mark.parametrize("damage", ["zeroed", "bit_flip", "truncated", "foreign_idx"])
+@pytest.mark.parametrize("damage", ["zeroed", "bit_flip", "truncated", "foreign_idx", "cut_at_60pct", "empty_rec",
+                                    "empty_crc", "garbage_crc", "cut_crc", "cut_idx"])
 def test_verify_finds_every_corruption_with_shard_and_record(tmp_path, damage):
     folder = _packed(tmp_path)
     rec = folder / "train-00001-of-00002.rec"
@@ -101,14 +108,24 @@ def test_verify_finds_every_corruption_with_shard_and_record(tmp_path, damage):
         index = len(offsets) - 1
         with open(rec, "r+b") as f:
             f.truncate(offsets[index] + 100)
+    elif damage in ("cut_at_60pct", "empty_rec"):  # the .crc kept: its records lie past the end
+        index = next(i for i, o in enumerate(offsets) if o > 0.6 * os.path.getsize(rec)) if damage != "empty_rec" else 0
+        os.truncate(rec, int(0.6 * os.path.getsize(rec)) if damage != "empty_rec" else 0)
+    elif damage in ("empty_crc", "garbage_crc", "cut_crc", "cut_idx"):
+        sidecar = Path(str(rec)[:-4] + (".idx" if damage == "cut_idx" else ".crc"))
+        body = {"empty_crc": b"", "garbage_crc": bytes(range(256)) * 4}.get(damage, sidecar.read_bytes())
+        sidecar.write_bytes(body[:len(body) // 2 - 3] if damage.startswith("cut") else body)
     else:
         shutil.copy(folder / "train-00000-of-00002.idx", str(rec)[:-4] + ".idx")
     result = verify(folder / "train")
-    assert result.returncode == 1, result.stdout
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
     bad = [line for line in result.stdout.splitlines() if line.startswith("BAD:")]
     assert bad and all("train-00001-of-00002.rec" in line for line in bad), result.stdout
-    if damage != "foreign_idx":
+    if damage in ("zeroed", "bit_flip", "truncated", "cut_at_60pct", "empty_rec"):
         assert any(f"index {index} " in line for line in bad), result.stdout
+    if damage in ("empty_crc", "garbage_crc", "cut_crc"):
+        assert any(".crc" in line for line in bad), result.stdout
     if damage in ("zeroed", "bit_flip"):
         assert any("checksum mismatch" in line for line in bad)
     # The trainer's start-up check names the same shard and record in one line (counts always, CRCs on request).
@@ -141,12 +158,22 @@ def test_verify_decode_counts_a_libjpeg_warning_as_damage_without_checksums(tmp_
 @pytest.mark.parametrize("case, fragment", [
     ("label", "has label 2, outside 0..1"),
     ("empty_val", "the validation shards hold no records:"),
+    ("copied_shard", "holds the same records as"),
+    ("val_is_train", "is read twice"),
 ])
 def test_bad_labels_and_an_empty_validation_set_are_found_at_start(colour_shards, tmp_path, case, fragment):
     out = tmp_path / "run"
     args = base_args(colour_shards, out, "--num-epochs", "1")
     if case == "label":
         args[args.index("--num-classes") + 1] = "2"
+    elif case == "copied_shard":  # a copy under another name, as a careless sync leaves one
+        for ext in ("rec", "idx"):
+            shutil.copy(colour_shards / f"train-00001-of-00002.{ext}", tmp_path / f"extra.{ext}")
+        args[args.index("--train-rec") + 1] = ";".join(
+            [str(colour_shards / "train-00000-of-00002.rec"), str(colour_shards / "train-00001-of-00002.rec"),
+             str(tmp_path / "extra.rec")])
+    elif case == "val_is_train":
+        args[args.index("--val-rec") + 1] = str(colour_shards / "train-00001-of-00002.rec")
     else:
         empty = tmp_path / "empty"
         empty.mkdir()
@@ -159,6 +186,10 @@ def test_bad_labels_and_an_empty_validation_set_are_found_at_start(colour_shards
     assert fragment in line
     if case == "empty_val":
         assert str(empty / "val.rec") in line
+    if case == "copied_shard":
+        assert str(tmp_path / "extra.rec") in line and "train-00001-of-00002.rec" in line
+        listed = verify(f"{colour_shards / 'train-00001-of-00002.rec'};{tmp_path / 'extra.rec'}")
+        assert listed.returncode == 1 and "holds the same records as train-00001-of-00002.rec" in listed.stdout
     assert not (out / "metrics.jsonl").exists()
 
 
@@ -204,3 +235,20 @@ def test_non_utf8_names_and_files_are_one_line(tmp_path):
     config.write_bytes(b"lr: 0.1 # caf\xe9\n")
     trained = train_cli(["--config", str(config)])
     assert trained.returncode == 2 and "not UTF-8" in one_line(trained)
+
+
+def test_list_paths_outside_the_image_root_are_refused_unless_allowed(tmp_path):
+    root = _one_image_tree(tmp_path)
+    secret = tmp_path / "secret.jpg"  # beside the root, not in it
+    shutil.copy(str(root / "a" / "x.jpg"), secret)
+    lst = tmp_path / "escape.lst"
+    lst.write_text(f"0\t0\ta/x.jpg\n1\t1\t../secret.jpg\n2\t1\t{secret}\n")
+    refused = im2rec("pack", lst, tmp_path / "out" / "train", "--image-root", root)
+    assert refused.returncode == 2 and b"2 path(s) outside" in refused.stderr and b"../secret.jpg" in refused.stderr
+    assert not (tmp_path / "out").exists()
+    allowed = im2rec("pack", lst, tmp_path / "out" / "train", "--image-root", root, "--allow-outside-root")
+    assert allowed.returncode == 0, allowed.stderr
+    labels = tmp_path / "labels.csv"
+    labels.write_text("a/x.jpg,a\n../secret.jpg,b\n")
+    listed = im2rec("make-list", root, tmp_path / "lists" / "ds", "--labels", labels)
+    assert listed.returncode == 2 and b"outside" in listed.stderr and b"Traceback" not in listed.stderr

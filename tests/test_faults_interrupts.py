@@ -19,6 +19,7 @@ from helpers import (
     ROOT,
     assert_same_states,
     base_args,
+    one_line,
     popen_train,
     signal_at_line,
     state_params,
@@ -184,3 +185,43 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+# Reliability round 3, item 1: a SIGKILL at every write of epoch 1 leaves a folder that is either resumable or free
+# for a fresh start, and the line a user gets says which (the command it names works).
+_KILL_AT = {  # stage -> (module, class or "", the function patched to kill at its first call)
+    "export": ("xception_mx.writer", "", "export_atomic"),
+    "state arrays": ("xception_mx.checkpoint", "", "atomic_path"),
+    "manifest": ("xception_mx.runfolder", "RunFolder", "write_manifest"),
+    "metrics line": ("xception_mx.writer", "", "append_synced"),
+    "best.json": ("xception_mx.writer", "", "atomic_write_text"),
+    "curves": ("xception_mx.writer", "", "plot_curves"),
+}
+
+
+@pytest.mark.parametrize("stage", list(_KILL_AT))
+def test_a_sigkill_at_any_write_of_epoch_one_leaves_a_folder_the_next_command_continues(colour_shards, tmp_path,
+                                                                                      stage):
+    out = tmp_path / "run"
+    args = base_args(colour_shards, out, "--num-epochs", "2", "--prefix", "my_prefix")
+    module, cls, name = _KILL_AT[stage]
+    script = (
+        "import importlib, os, signal, sys\n"
+        f"owner = importlib.import_module({module!r})\n"
+        f"owner = getattr(owner, {cls!r}) if {cls!r} else owner\n"
+        f"real = getattr(owner, {name!r})\n"
+        "def dying(*a, **k):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        f"setattr(owner, {name!r}, dying)\n"
+        "from xception_mx.cli import train_main\n"
+        f"sys.exit(train_main({[str(a) for a in args]!r}))\n")
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert "epoch 1 [" in killed.stdout  # it died in epoch 1's writes, not at start
+    resumed = train_cli(["--output-dir", str(out), "--resume"])
+    if resumed.returncode != 0:  # nothing to resume: the line says so, and the fresh start it points to works
+        assert resumed.returncode == 2 and "start without --resume" in one_line(resumed), resumed.stderr[-2000:]
+        again = train_cli(args)
+        assert again.returncode == 0, again.stderr[-2000:]
+    assert RunFolder(str(out), "my_prefix").epochs()[-1] == 2
+    assert [r["epoch"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2]

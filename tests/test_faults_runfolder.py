@@ -2,6 +2,7 @@
 file modes and empty weight files; each checking the exit code, the one-line message and that what was written before
 is intact."""
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -69,6 +70,21 @@ def test_a_full_disk_at_every_checkpoint_stage_is_one_line_and_the_last_checkpoi
     assert [r["epoch"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2]
 
 
+def test_a_full_disk_before_the_first_checkpoint_says_to_start_again_and_that_works(colour_shards, small_disk):
+    out = small_disk / "run"
+    args = base_args(colour_shards, out, "--num-epochs", "1")
+    filler = small_disk / "filler"
+    with open(filler, "wb") as f:  # room for the config and the log, not for epoch 1's export
+        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 60_000))
+    result = train_cli(args)
+    line = one_line(result)
+    assert result.returncode == 1 and "while writing the export of epoch 1" in line, line
+    assert "no checkpoint was complete yet: start the run again" in line and "intact" not in line
+    filler.unlink()
+    assert train_cli(args).returncode == 0  # the fresh start the line points to takes the folder
+    assert RunFolder(str(out), PREFIX).epochs() == [1]
+
+
 # 5 -------------------------------------------------------------------------------------------------------------
 def test_a_second_trainer_on_one_folder_is_refused_and_the_first_finishes(colour_shards, tmp_path):
     out = tmp_path / "run"
@@ -126,6 +142,59 @@ def test_small_ones(colour_shards, tmp_path):
     r = subprocess.run([*score, "predict", "--model-prefix", str(out / PREFIX), "--epoch", "1", "--top-k", "0",
                         str(image)], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 2 and "--top-k must be at least 1" in one_line(r)
+
+
+# The lines that used to mislead (issue: reliability round 3, item 7), each saying what is wrong and what to do.
+@pytest.mark.parametrize("case, fragment", [
+    ("config_is_a_folder", "is a folder: give a YAML file in it"),
+    ("output_dir_is_a_file", "is a file, not a folder"),
+    ("output_dir_empty", "output_dir is empty: give --output-dir FOLDER"),
+    ("prefix_is_a_path", "prefix must be a plain file name"),
+    ("resume_with_another_prefix", "holds checkpoints of prefix 'xception_slim', not 'xception'"),
+    ("softmax_head_of_a_softmax_head", "is a softmax-head export"),
+    ("pickle_as_params", "is not an MXNet params file"),
+])
+def test_misleading_lines_now_say_what_is_wrong(trained_run, tmp_path, case, fragment):
+    shards, out = trained_run
+    (tmp_path / "afile").write_text("x")
+    deploy = ["-m", "xception_mx.deploy", "softmax-head", "--epoch", "1", "--out", str(tmp_path / "h2")]
+    if case == "softmax_head_of_a_softmax_head":
+        head = subprocess.run([sys.executable, "-m", "xception_mx.deploy", "softmax-head", "--model-prefix",
+                               str(out / PREFIX), "--epoch", "1", "--out", str(tmp_path / "head")], cwd=ROOT)
+        assert head.returncode == 0
+        shutil.move(tmp_path / "head-0000.params", tmp_path / "head-0001.params")
+    elif case == "pickle_as_params":
+        import pickle
+
+        shutil.copy(out / f"{PREFIX}-symbol.json", tmp_path / "pk-symbol.json")
+        (tmp_path / "pk-0001.params").write_bytes(pickle.dumps({"w": [1.0]}))
+    commands = {
+        "config_is_a_folder": ["--config", str(tmp_path)],
+        "output_dir_is_a_file": base_args(shards, tmp_path / "afile"),
+        "output_dir_empty": base_args(shards, ""),
+        "prefix_is_a_path": base_args(shards, tmp_path / "r", "--prefix", "../x"),
+        "resume_with_another_prefix": ["--output-dir", str(out), "--resume", "--model", "xception"],
+        "softmax_head_of_a_softmax_head": [*deploy, "--model-prefix", str(tmp_path / "head")],
+        "pickle_as_params": [*deploy, "--model-prefix", str(tmp_path / "pk")],
+    }
+    args = commands[case]
+    if args[0] == "-m":
+        result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    else:
+        result = train_cli(args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert fragment in one_line(result)
+    if case == "resume_with_another_prefix":  # and the command it prints works
+        command = shlex.split(one_line(result).split("resume them with: ")[1])
+        resumed = train_cli([*command[1:], "--num-epochs", "2"])
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def trained_run(colour_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert train_cli(base_args(colour_shards, out, "--num-epochs", "1")).returncode == 0
+    return colour_shards, out
 
 
 

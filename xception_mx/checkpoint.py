@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
 import os
 import shutil
 import tempfile
@@ -21,8 +20,8 @@ import time
 import mxnet as mx
 from mxnet import gluon
 
-from .errors import RunFailed, UserError
-from .fileio import atomic_path, atomic_replace, file_crc32
+from .errors import UserError
+from .fileio import atomic_path, atomic_replace, file_crc32, write_errors
 from .manifest import Manifest, StateFile
 from .runfolder import RunFolder
 from .weights import read_arrays
@@ -32,32 +31,10 @@ __all__ = ["export_atomic", "without_amp_casts", "save_state", "load_state", "di
 
 @contextlib.contextmanager
 def disk_errors(run: RunFolder, what: str):
-    """Turn a failed write (ENOSPC and kin, or MXNet's error for the same) into one line with the free space and
-    what to run next (the folder's real checkpoints decide: resume, or start again)."""
-    folder = run.folder
-    try:
+    """:func:`fileio.write_errors` in a run folder: the line says what to run next (the folder's real checkpoints
+    decide: resume, or start again)."""
+    with write_errors(run.folder, what, f"free space, then {run.resume_hint()}"):
         yield
-    except (OSError, mx.base.MXNetError) as exc:
-        if isinstance(exc, OSError) and exc.errno not in _WRITE_ERRORS:
-            raise
-        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
-        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or free < 64 << 20:
-            reason = "disk full"
-        else:
-            reason = "could not write (" + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120] + ")"
-        raise RunFailed(f"{reason} while writing {what} in {folder} ({_size(free)} free): free space, then "
-                        f"{run.resume_hint()}") from None
-
-
-_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 def export_atomic(net: gluon.HybridBlock, model_prefix: str, epoch: int) -> None:

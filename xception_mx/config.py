@@ -288,6 +288,8 @@ def _unknown_key(key: str, source: str) -> UserError:
 
 def load_yaml(path: str) -> dict:
     """Read a YAML config: a mapping of known keys (hyphens or underscores) to values."""
+    if os.path.isdir(path):
+        raise UserError(f"--config {path!r} is a folder: give a YAML file in it (e.g. {os.path.join(path, 'x.yaml')})")
     if not os.path.isfile(path):
         raise UserError(f"config file {path!r} not found")
     try:
@@ -337,6 +339,14 @@ def _check_combinations(config: RunConfig) -> None:
         raise UserError("config: use either --resume or --retrain, not both")
     if config.resume is not None and config.resume < 0:
         raise UserError(f"config: resume must be an epoch >= 1 (or 0 / no value for the latest), got {config.resume}")
+    if config.prefix is not None and (not config.prefix or os.sep in config.prefix or config.prefix in (".", "..")
+                                      or (os.altsep and os.altsep in config.prefix)):
+        raise UserError(f"config: prefix must be a plain file name (no folder: checkpoints go in --output-dir), "
+                        f"got {config.prefix!r}")
+    if not config.output_dir:
+        raise UserError("config: output_dir is empty: give --output-dir FOLDER (the run's folder)")
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise UserError(f"config: --output-dir {config.output_dir} is a file, not a folder: choose a folder")
     if config.warmup_epochs >= config.num_epochs:
         raise UserError(f"config: warmup_epochs ({config.warmup_epochs}) must be less than num_epochs "
                         f"({config.num_epochs})")

@@ -57,8 +57,17 @@ def _write_export(net, out_prefix: str, pre) -> None:
     folder = os.path.dirname(os.path.abspath(out_prefix))
     if not os.path.isdir(folder):
         raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
-    export_atomic(net, out_prefix, 0)
-    pre.write(out_prefix)
+    with _writing(out_prefix, "the export"):
+        export_atomic(net, out_prefix, 0)
+        pre.write(out_prefix)
+
+
+def _writing(out: str, what: str):
+    """A full disk while writing ``--out`` as one line naming its folder (what was there before is untouched)."""
+    from .fileio import write_errors
+
+    return write_errors(os.path.dirname(os.path.abspath(out)), f"{what} {out}",
+                        "free space and run the command again (nothing earlier was changed)")
 
 
 def quantize(net, calib, num_images: int, calib_mode: str = "naive"):
@@ -136,10 +145,11 @@ def export_bfloat16(prefix: str, epoch: int, out_prefix: str) -> dict:
     folder = os.path.dirname(os.path.abspath(out_prefix))
     if not os.path.isdir(folder):
         raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
-    with atomic_paths(f"{out_prefix}-0000.params", f"{out_prefix}-symbol.json") as (params_tmp, symbol_tmp):
+    with _writing(out_prefix, "the bfloat16 export"), \
+            atomic_paths(f"{out_prefix}-0000.params", f"{out_prefix}-symbol.json") as (params_tmp, symbol_tmp):
         mx.nd.save(params_tmp, {**{f"arg:{k}": v for k, v in args.items()}, **{f"aux:{k}": v for k, v in aux.items()}})
         symbol.save(symbol_tmp, remove_amp_cast=False)  # by default save() strips every amp_cast
-    pre.write(out_prefix)
+        pre.write(out_prefix)
     images = mx.nd.random.normal(shape=(4, 3, pre.input_size, pre.input_size))
     bf16 = load_exported(out_prefix, 0, [mx.cpu()], channel_multiple=16)
     want, got = fp32(images), bf16(images).astype("float32")
@@ -186,7 +196,7 @@ def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = Fa
                         f"export it was converted from")
     sym, params = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
     log.info("exporting %s-%04d to ONNX, then checking it with onnxruntime...", prefix, epoch)
-    with atomic_path(out_path) as tmp:
+    with _writing(out_path, "the ONNX model"), atomic_path(out_path) as tmp:
         kwargs = {"dynamic": True, "dynamic_input_shapes": [(None, *shape)]} if dynamic_batch else {}
         mx.onnx.export_model(sym, params, [(batch_size, *shape)], np.float32, tmp, **kwargs)
         model = onnx.load(tmp)
@@ -244,10 +254,11 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
         params["arg:xception_mx_std"] = mx.nd.array(pre.std).reshape((1, 3, 1, 1))
         pre = dataclasses.replace(pre, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
     head = mx.sym.SoftmaxOutput(data=sym, name="softmax")
-    with atomic_path(f"{out_prefix}-{out_epoch:04d}.params") as tmp:
-        mx.nd.save(tmp, params)
-    atomic_write_text(f"{out_prefix}-symbol.json", head.tojson(remove_amp_cast=False))
-    pre.write(out_prefix)
+    with _writing(out_prefix, "the softmax-head export"):
+        with atomic_path(f"{out_prefix}-{out_epoch:04d}.params") as tmp:
+            mx.nd.save(tmp, params)
+        atomic_write_text(f"{out_prefix}-symbol.json", head.tojson(remove_amp_cast=False))
+        pre.write(out_prefix)
     features = f"{FEATURES_NAME}_output" in sym.get_internals().list_outputs()
     return {"out": out_prefix, "features_layer": f"{FEATURES_NAME}_output" if features else None}
 

@@ -7,12 +7,17 @@ Imports no MXNet.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 
+from .errors import RunFailed
+
 __all__ = ["fsync_dir", "atomic_replace", "atomic_paths", "atomic_path", "atomic_write_text", "atomic_write_bytes",
-           "append_synced", "read_text", "printable_path", "remove_stale_temporaries", "file_crc32", "TMP_SUFFIX"]
+           "append_synced", "read_text", "printable_path", "remove_stale_temporaries", "file_crc32", "write_errors",
+           "size_text", "TMP_SUFFIX"]
 
 TMP_SUFFIX = ".tmp"
 
@@ -151,3 +156,34 @@ def file_crc32(path: str, chunk: int = 1 << 22) -> int:
         for block in iter(lambda: f.read(chunk), b""):
             crc = zlib.crc32(block, crc)
     return crc
+
+
+#: errno values of a write that failed for want of room or a working disk (others are bugs or bad input).
+WRITE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO, errno.EROFS)
+
+
+def size_text(n: float) -> str:
+    """``1.5 MiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@contextlib.contextmanager
+def write_errors(folder: str, what: str, then: str = "free space and run the command again"):
+    """A failed write in ``folder`` (ENOSPC and kin, or MXNet's "Write incomplete" for the same) as one
+    :class:`RunFailed` line naming the folder, the free space and ``then``. Other errors pass through."""
+    try:
+        yield
+    except Exception as exc:
+        mxnet_error = type(exc).__name__ == "MXNetError"  # checked by name: this module imports no MXNet
+        if not (mxnet_error or (isinstance(exc, OSError) and exc.errno in WRITE_ERRNOS)):
+            raise
+        free = shutil.disk_usage(folder).free if os.path.isdir(folder) else 0
+        if (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) or free < 64 << 20:
+            reason = "disk full"
+        else:
+            reason = "could not write (" + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120] + ")"
+        raise RunFailed(f"{reason} while writing {what} in {folder} ({size_text(free)} free): {then}") from None

@@ -72,12 +72,23 @@ def _files(prefix: str, epoch: int) -> tuple[str, str]:
     return symbol_file, params_file
 
 
+#: The first 8 bytes of an ``mx.nd.save`` file (``kMXAPINDArrayListMagic``, little-endian uint64).
+_PARAMS_MAGIC = (0x112).to_bytes(8, "little")
+
+
 def load_exported(prefix: str, epoch: int, ctx: list[mx.Context], channel_multiple: int = 1) -> mx.gluon.SymbolBlock:
     """An export as a ``SymbolBlock``, at widths rounded up to ``channel_multiple`` (:func:`pad_export`; a graph it
     cannot pad loads as it is, with a log line), with one-line errors for missing or mismatched files."""
     symbol_file, params_file = _files(prefix, epoch)
     with open(symbol_file, encoding="utf-8", errors="replace") as f:
         text = f.read()
+    if '"SoftmaxOutput"' in text:
+        raise UserError(f"{symbol_file} is a softmax-head export (for MXNet's Module tools): use the export it was "
+                        f"made from")
+    with open(params_file, "rb") as f:
+        if f.read(8) != _PARAMS_MAGIC:
+            raise UserError(f"{params_file} is not an MXNet params file (a pickle or another framework's file?): "
+                            f"give the PREFIX-NNNN.params that HybridBlock.export or the trainer wrote")
     partitioned = "_sg_mkldnn" in text  # an INT8 (or already fused) export: nothing to pad or fuse
     bfloat16 = '"amp_cast"' in text and not partitioned  # xception-deploy bfloat16: padded, never fused
     why_not = "an INT8 or fused graph" if partitioned and channel_multiple > 1 else None

@@ -21,7 +21,7 @@ from .console import command_line
 from .cpuinfo import cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
-from .records import check_checksums, check_records, count_records, find_shards
+from .records import check_checksums, check_duplicates, check_records, count_records, find_shards
 from .runfolder import RunFolder, prefixes_in
 
 __all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
@@ -233,6 +233,7 @@ def _find_shards(config: RunConfig) -> Shards:
     start, every = time.time(), shards.train + shards.val
     checked = check_records(every, config.num_classes)
     unverifiable = check_checksums(every, verify=config.verify_checksums)
+    check_duplicates(every)
     log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", checked,
              len(every), " and their checksums" if config.verify_checksums else "", time.time() - start)
     if unverifiable:

@@ -13,7 +13,7 @@ import numpy as np
 
 from im2rec_tools.headers import IR_HEADER, PNG_END, PNG_SIGNATURE, image_problem
 from im2rec_tools.recordfile import HEADER_BYTES, MAGIC
-from im2rec_tools.shards import lookup_shards, read_offsets
+from im2rec_tools.shards import duplicate_shards, lookup_shards, read_offsets
 
 from .errors import UserError
 
@@ -86,6 +86,23 @@ def check_checksums(rec_paths: str | Sequence[str], verify: bool = False) -> lis
     return unverifiable
 
 
+def check_duplicates(rec_paths: str | Sequence[str]) -> None:
+    """One line when two of the shards hold the same records (a copied shard, or a validation shard that is a
+    training one): every record of it would count twice."""
+    copies = duplicate_shards(as_paths(rec_paths))
+    if copies:
+        first, copy = copies[0]
+        more = f" (and {len(copies) - 1} more pairs)" if len(copies) > 1 else ""
+        if os.path.samefile(first, copy):
+            raise UserError(f"{copy} is read twice{more}: give each shard once (training and validation shards "
+                            f"must differ)")
+        raise UserError(f"{copy} holds the same records as {first}{more}: a copied shard? remove one of them")
+
+
+#: Bytes at a JPEG's end searched for its end-of-image marker (some cameras append a trailer after it).
+JPEG_TAIL = 4096
+
+
 def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str | None:
     """Why the record at ``offset`` would stop a run, or None. Reads its first few KiB (and its last bytes)."""
     f.seek(offset)
@@ -114,6 +131,10 @@ def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str |
     if problem is None and image[:4] == PNG_SIGNATURE[:4]:
         f.seek(start + image_len - len(PNG_END))
         problem = None if f.read(len(PNG_END)) == PNG_END else "is a PNG cut off before its end (no IEND chunk)"
+    elif problem is None and image[:2] == b"\xff\xd8":  # OpenCV decodes a cut JPEG with only a libjpeg warning
+        tail = min(image_len, JPEG_TAIL)
+        f.seek(start + image_len - tail)
+        problem = None if b"\xff\xd9" in f.read(tail) else "is a JPEG cut off before its end (no end-of-image marker)"
     return problem
 
 

@@ -21,10 +21,10 @@ import numpy as np
 from . import data
 from .errors import UserError
 from .evaluate import evaluate
-from .fileio import atomic_write_text
+from .fileio import atomic_write_text, write_errors
 from .inference import Speedups, ready
 from .protocol import Preprocess
-from .records import check_checksums, read_classes
+from .records import check_checksums, check_duplicates, read_classes
 
 __all__ = ["score", "benchmark", "predict", "export_protocol", "write_confusion_csv"]
 
@@ -54,6 +54,7 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
     shards = data.find_shards(rec)
     data.check_records(shards)
     unverifiable = check_checksums(shards, verify=verify_checksums)
+    check_duplicates(shards)
     if unverifiable:
         log.info("%d of %d shards have no .crc checksum file: they cannot be checksum-verified", len(unverifiable),
                  len(shards))
@@ -104,7 +105,8 @@ def write_confusion_csv(path: str, confusion: np.ndarray, names: list[str]) -> N
     writer.writerow(["true \\ predicted"] + names)
     for i, row in enumerate(confusion):
         writer.writerow([names[i]] + [int(v) for v in row])
-    atomic_write_text(path, text.getvalue())
+    with write_errors(os.path.dirname(os.path.abspath(path)), f"the confusion matrix {path}"):
+        atomic_write_text(path, text.getvalue())
 
 
 def benchmark(prefix: str, epoch: int, ctx: list[mx.Context], batch_sizes: list[int],

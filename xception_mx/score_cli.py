@@ -8,6 +8,7 @@ printed. Imports no MXNet until a command runs.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from typing import Any
 
@@ -160,9 +161,10 @@ def _write_json(path: str | None, obj) -> None:
     if path:
         import json
 
-        from .fileio import atomic_write_text
+        from .fileio import atomic_write_text, write_errors
 
-        atomic_write_text(path, json.dumps(obj, indent=1))
+        with write_errors(os.path.dirname(os.path.abspath(path)), f"the report {path}"):
+            atomic_write_text(path, json.dumps(obj, indent=1))
 
 
 def _run_score(args) -> int:
