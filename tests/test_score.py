@@ -146,6 +146,7 @@ def test_benchmark_prints_a_row_per_batch_size(tmp_path):
     ("wrong_channels", "does not fit the model"),
     ("labels_beyond_classes", "outside 0..5"),
     ("missing_image", "not found"),
+    ("empty_shards", "the shards hold no records ("),
 ])
 def test_bad_input_is_one_clear_line(case, fragment, tmp_path):
     prefix = str(tmp_path / "nearest")
@@ -171,6 +172,9 @@ def test_bad_input_is_one_clear_line(case, fragment, tmp_path):
         args[-1] = "1,72,72"
     elif case == "labels_beyond_classes":
         write_flat_shard(str(tmp_path), "val", [(0, 0), (1, 9)])
+    elif case == "empty_shards":
+        for ext in ("rec", "idx"):
+            (tmp_path / f"val-00000-of-00001.{ext}").write_bytes(b"")
     elif case == "missing_image":
         args = ["predict", "--model-prefix", prefix, "--epoch", 3, "--data-shape", "3,72,72", tmp_path / "no.jpg"]
     result = score_cli(*args)
@@ -179,3 +183,5 @@ def test_bad_input_is_one_clear_line(case, fragment, tmp_path):
     assert len(lines) == 1, result.stderr
     assert fragment in lines[0], lines[0]
     assert "Traceback" not in result.stderr
+    if case in ("labels_beyond_classes", "empty_shards"):  # the shard is named
+        assert "val-00000-of-00001.rec" in lines[0], lines[0]
