@@ -3,6 +3,7 @@
 Test modules import them by name (``from helpers import base_args``), like ``shard_factory``: tests/ is not a
 package, so pytest's default import mode puts this folder on ``sys.path`` when it collects conftest.py.
 """
+import contextlib
 import os
 import shutil
 import subprocess
@@ -264,3 +265,17 @@ def assert_added_channels_zero(trainer):
         assert np.count_nonzero(data) == np.count_nonzero(inside), key
         checked += 1
     assert checked > 100
+
+
+@contextlib.contextmanager
+def tmpfs(folder, size: str):
+    """A real tmpfs of ``size`` (``3m``) mounted at ``folder`` (made here) for the block; root only (CI and these
+    machines run as root), skipped with the reason elsewhere."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    folder.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -9,7 +9,7 @@ import sys
 import mxnet as mx
 import pytest
 
-from helpers import ROOT, TINY_FILTERS, one_line
+from helpers import ROOT, TINY_FILTERS, one_line, tmpfs
 from xception_mx import get_model
 from xception_mx.checkpoint import export_atomic
 from xception_mx.cpuinfo import cpu_flags, cpu_model
@@ -20,17 +20,12 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 @pytest.fixture
 def full_disk(tmp_path):
-    """A 2 MiB tmpfs holding a 'before.txt' and a filler that leaves no room (root only: CI and these machines)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], check=True)
-    (mount / "before.txt").write_text("written before")
-    with open(mount / "filler", "wb") as f:
-        f.write(b"\0" * shutil.disk_usage(mount).free)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """A 2 MiB tmpfs holding a 'before.txt' and a filler that leaves no room."""
+    with tmpfs(tmp_path / "disk", "2m") as mount:
+        (mount / "before.txt").write_text("written before")
+        with open(mount / "filler", "wb") as f:
+            f.write(b"\0" * shutil.disk_usage(mount).free)
+        yield mount
 
 
 @pytest.fixture(scope="module")

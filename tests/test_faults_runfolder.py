@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import PREFIX, ROOT, base_args, one_line, popen_train, train_cli, wait_for_line
+from helpers import PREFIX, ROOT, base_args, one_line, popen_train, tmpfs, train_cli, wait_for_line
 from xception_mx.metrics import read_jsonl
 from xception_mx.runfolder import RunFolder
 
@@ -26,14 +26,9 @@ def snapshot(folder) -> dict:
 # 4 -------------------------------------------------------------------------------------------------------------
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs (root only: CI and these machines run as root)."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], check=True)
-    yield mount
-    subprocess.run(["umount", str(mount)], check=True)
+    """A 3 MiB tmpfs."""
+    with tmpfs(tmp_path / "disk", "3m") as mount:
+        yield mount
 
 
 def test_a_full_disk_at_every_checkpoint_stage_is_one_line_and_the_last_checkpoint_resumes(colour_shards,
