@@ -2,6 +2,7 @@
 --json, im2rec-tools pack) ends in one line naming the folder and its free space, exit 1, on a real tmpfs; what was
 in the folder before is untouched and no temporary file is left."""
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,22 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_leaves_it_as_it_was(case,
     assert str(full_disk) in line and "free" in line and "disk full" in line, line
     assert (full_disk / "before.txt").read_text() == "written before"
     assert sorted(os.listdir(full_disk)) == before  # nothing half-written, no temporary file
+
+
+def test_a_full_tensorboard_disk_stops_the_run_in_one_line_without_hanging_and_it_resumes(colour_shards, full_disk,
+                                                                                        tmp_path):
+    from helpers import base_args, train_cli
+
+    out = tmp_path / "run"
+    board = full_disk / "tb"
+    args = base_args(colour_shards, out, "--num-epochs", "2", "--tensorboard", str(board), "--log-interval", "1")
+    result = train_cli(args, timeout=240)  # tensorboardX's writer thread dies; writing on would block forever
+    line = one_line(result)
+    assert result.returncode == 1 and "while writing TensorBoard event files in" in line and str(board) in line, line
+    (full_disk / "filler").unlink()
+    command = line.split("free space, then ")[1]
+    if "resume from" in command:
+        resumed = train_cli(shlex.split(command.split(" with: ")[1])[1:], timeout=240)
+    else:  # no checkpoint yet: start again
+        resumed = train_cli(args, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

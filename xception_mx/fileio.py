@@ -11,7 +11,7 @@ import errno
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from .errors import RunFailed
 
@@ -172,9 +172,10 @@ def size_text(n: float) -> str:
 
 
 @contextlib.contextmanager
-def write_errors(folder: str, what: str, then: str = "free space and run the command again"):
+def write_errors(folder: str, what: str, then: str | Callable[[], str] = "free space and run the command again"):
     """A failed write in ``folder`` (ENOSPC and kin, or MXNet's "Write incomplete" for the same) as one
-    :class:`RunFailed` line naming the folder, the free space and ``then``. Other errors pass through."""
+    :class:`RunFailed` line naming the folder, the free space and ``then`` (or what it returns, asked only then).
+    Other errors pass through."""
     try:
         yield
     except Exception as exc:
@@ -186,4 +187,5 @@ def write_errors(folder: str, what: str, then: str = "free space and run the com
             reason = "disk full"
         else:
             reason = "could not write (" + (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120] + ")"
-        raise RunFailed(f"{reason} while writing {what} in {folder} ({size_text(free)} free): {then}") from None
+        next_step = then() if callable(then) else then
+        raise RunFailed(f"{reason} while writing {what} in {folder} ({size_text(free)} free): {next_step}") from None

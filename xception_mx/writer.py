@@ -134,8 +134,11 @@ class RunWriter(NullWriter):
             truncate_jsonl(folder.metrics, epoch)
             self._restore_lost_metrics_line(epoch)
         if config.tensorboard:
-            self.board = Board(config.tensorboard, config_text(config),
+            self.board = Board(config.tensorboard, config_text(config), then=self._next_step,
                                resumed_at=resumed_updates if self.plan.resume is not None else None)
+
+    def _next_step(self) -> str:
+        return f"free space, then {self.folder.resume_hint()}"
 
     def _restore_lost_metrics_line(self, epoch: int) -> None:
         """A crash between an epoch's manifest and its metrics line loses the line: its manifest holds it."""
