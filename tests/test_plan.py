@@ -225,3 +225,28 @@ def test_planning_a_resume_parses_once_and_imports_no_mxnet(tmp_path):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["1", "False"]
+
+
+@pytest.mark.parametrize("classes_txt, given, expected, fragment", [
+    (None, None, 4, "from the labels seen at start, 0..3"),
+    (["a", "b", "c", "d", "e", "f"], None, 6, "classes.txt"),  # the shards use 4 of its 6 classes
+    (["a", "b"], None, None, "names 2 classes but the shards hold label 3"),
+    (None, "10", 10, "6 classes no image trains"),
+])
+def test_num_classes_comes_from_the_data_unless_given(colour_shards, tmp_path, classes_txt, given, expected,
+                                                      fragment):
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(colour_shards, shards)
+    if classes_txt:
+        (shards / "classes.txt").write_text("".join(f"{i}\t{name}\n" for i, name in enumerate(classes_txt)))
+    argv = ["--train-rec", str(shards / "train"), "--val-rec", str(shards / "val"), "--output-dir",
+            str(tmp_path / "run"), *(["--num-classes", given] if given else [])]
+    if expected is None:
+        with pytest.raises(UserError, match=fragment):
+            plan_run(argv, environ={})
+        return
+    plan = plan_run(argv, environ={})
+    assert plan.config.num_classes == expected
+    assert any(fragment in note for note in plan.notes), plan.notes

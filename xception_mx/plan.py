@@ -9,6 +9,7 @@ loaded epoch. The engine is chosen here (``train_main`` exports it before MXNet 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,7 +22,15 @@ from .console import command_line
 from .cpuinfo import cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
-from .records import check_checksums, check_duplicates, check_records, count_records, find_shards
+from .records import (
+    RecordScan,
+    check_checksums,
+    check_duplicates,
+    check_records,
+    count_records,
+    find_shards,
+    read_classes,
+)
 from .runfolder import RunFolder, prefixes_in
 
 __all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
@@ -127,9 +136,15 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     _check_devices(config)
     if config.tensorboard:
         check_available()
-    shards = _find_shards(config) if check_data else Shards([], [])
+    notes = []
+    shards = Shards([], [])
+    if check_data:
+        infer = point is None and "num_classes" not in given
+        shards, scan = _find_shards(config, None if infer else config.num_classes)
+        config, note = _classes(config, shards, scan, infer)
+        notes += [note] if note else []
     multiple = channel_multiple(config)
-    notes = [f"channel_multiple {config.channel_multiple}: widths computed at multiples of {multiple}"]
+    notes.append(f"channel_multiple {config.channel_multiple}: widths computed at multiples of {multiple}")
     return RunPlan(config, folder, point, bool(config.retrain), schedule, choose_engine(config, environ), shards,
                    multiple, notes)
 
@@ -215,7 +230,25 @@ def _check_precision(config: RunConfig) -> None:
                             "/proc/cpuinfo), where it would be slower than float32: train with --amp off")
 
 
-def _find_shards(config: RunConfig) -> Shards:
+def _classes(config: RunConfig, shards: Shards, scan: RecordScan, infer: bool) -> tuple[RunConfig, str | None]:
+    """``num_classes`` from the data when it was not given: the ``classes.txt`` beside the training shards, else
+    the labels the start-up check saw; a given value above what the labels use is said in the log."""
+    seen = scan.max_label + 1
+    if not infer:
+        return config, (f"num_classes {config.num_classes} as given, but the labels seen are 0..{seen - 1}: "
+                        f"{config.num_classes - seen} classes no image trains" if seen < config.num_classes else None)
+    classes_file = os.path.join(os.path.dirname(shards.train[0]), "classes.txt")
+    if os.path.isfile(classes_file):
+        count, source = len(read_classes(classes_file)), classes_file
+        if seen > count:
+            raise UserError(f"{classes_file} names {count} classes but the shards hold label {seen - 1}: give the "
+                            f"classes.txt of these shards, or --num-classes")
+    else:
+        count, source = seen, f"the labels seen at start, 0..{seen - 1}"
+    return dataclasses.replace(config, num_classes=count), f"num_classes {count}, from {source} (--num-classes sets it)"
+
+
+def _find_shards(config: RunConfig, num_classes: int | None) -> tuple[Shards, RecordScan]:
     def spec(kind: str) -> str:
         rec = config.train_rec if kind == "train" else config.val_rec
         if rec:
@@ -231,12 +264,12 @@ def _find_shards(config: RunConfig) -> Shards:
         raise UserError(f"the validation shards hold no records: {', '.join(shards.val)}; pack some images into "
                         f"them or give other --val-rec shards")
     start, every = time.time(), shards.train + shards.val
-    checked = check_records(every, config.num_classes)
+    scan = check_records(every, num_classes)
     unverifiable = check_checksums(every, verify=config.verify_checksums)
     check_duplicates(every)
-    log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", checked,
+    log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", scan.records,
              len(every), " and their checksums" if config.verify_checksums else "", time.time() - start)
     if unverifiable:
         log.info("%d of %d shards have no .crc checksum file (packed by MXNet's im2rec.py?): their records cannot "
                  "be checksum-verified", len(unverifiable), len(every))
-    return shards
+    return shards, scan

@@ -46,26 +46,36 @@ def _offsets(rec: str) -> list[int]:
     return read_offsets(rec)
 
 
-def check_records(rec_paths: str | Sequence[str], num_classes: int | None = None) -> int:
+@dataclass(frozen=True)
+class RecordScan:
+    """What the start-up check saw: how many records, the highest label among them (-1: none) and where it is."""
+    records: int
+    max_label: int
+    max_label_at: str = ""
+
+
+def check_records(rec_paths: str | Sequence[str], num_classes: int | None = None) -> RecordScan:
     """Read the header, the label and the image header of every record the ``.idx`` files point at.
 
     MXNet's C++ reader aborts the whole process on a broken record header (``Check failed: p[0] ==
     RecordIOWriter::kMagic``) and dies with SIGFPE on a payload that is no image, possibly days into a run; this
     finds both at start, with labels outside ``0..num_classes-1``, as one line naming the shard and record. Nothing
-    is decoded (``im2rec-tools verify --decode`` does that). Returns the number of records checked.
+    is decoded (``im2rec-tools verify --decode`` does that).
     """
-    total = 0
+    total, max_label, where = 0, -1, ""
     for rec in as_paths(rec_paths):
         offsets = _offsets(rec)
         size = os.path.getsize(rec)
         with open(rec, "rb") as f:
             for index, offset in enumerate(offsets):
-                problem = _record_problem(f, offset, size, num_classes)
+                problem, label = _record_problem(f, offset, size, num_classes)
                 if problem:
                     raise UserError(f"{rec}: record {index} (byte {offset}) {problem}: check the shards with "
                                     f"`im2rec-tools verify` and repack the bad one")
+                if label > max_label:
+                    max_label, where = label, f"{rec}: record {index} (byte {offset})"
         total += len(offsets)
-    return total
+    return RecordScan(total, max_label, where)
 
 
 def check_checksums(rec_paths: str | Sequence[str], verify: bool = False) -> list[str]:
@@ -103,24 +113,26 @@ def check_duplicates(rec_paths: str | Sequence[str]) -> None:
 JPEG_TAIL = 4096
 
 
-def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str | None:
-    """Why the record at ``offset`` would stop a run, or None. Reads its first few KiB (and its last bytes)."""
+def _record_problem(f, offset: int, size: int, num_classes: int | None) -> tuple[str | None, int]:
+    """(why the record at ``offset`` would stop a run or None, its label or -1). Reads its first few KiB (and its
+    last bytes)."""
     f.seek(offset)
     head = f.read(HEADER_BYTES + 4096)
     if len(head) < HEADER_BYTES:
-        return "is cut off (the .rec is truncated)"
+        return "is cut off (the .rec is truncated)", -1
     magic, lrec = struct.unpack_from("<II", head)
     length = lrec & ((1 << 29) - 1)
     if magic != MAGIC or lrec >> 29 not in (0, 1) or offset + HEADER_BYTES + ((length + 3) & ~3) > size:
-        return "is corrupt (bad record header)"
+        return "is corrupt (bad record header)", -1
     payload = head[HEADER_BYTES:HEADER_BYTES + length]
     if len(payload) < IR_HEADER.size:
-        return "is too short to hold a label and an image"
+        return "is too short to hold a label and an image", -1
     flag, label = IR_HEADER.unpack_from(payload)[:2]
     if flag == 0 and num_classes is not None and not (0 <= label < num_classes and label == int(label)):
-        return f"has label {label:g}, outside 0..{num_classes - 1} (check classes.txt and --num-classes)"
+        return f"has label {label:g}, outside 0..{num_classes - 1} (check classes.txt and --num-classes)", -1
+    seen = int(label) if flag == 0 and label >= 0 and label == int(label) else -1
     if lrec >> 29:  # a record split into parts (its payload holds the magic number): not parsed here
-        return None
+        return None, seen
     start, image_len = offset + HEADER_BYTES + IR_HEADER.size + 4 * flag, length - IR_HEADER.size - 4 * flag
     image = payload[IR_HEADER.size + 4 * flag:]
     problem = image_problem(image, complete=len(image) >= image_len)
@@ -135,7 +147,7 @@ def _record_problem(f, offset: int, size: int, num_classes: int | None) -> str |
         tail = min(image_len, JPEG_TAIL)
         f.seek(start + image_len - tail)
         problem = None if b"\xff\xd9" in f.read(tail) else "is a JPEG cut off before its end (no end-of-image marker)"
-    return problem
+    return problem, seen
 
 
 def count_records(rec_paths: str | Sequence[str]) -> int:

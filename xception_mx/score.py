@@ -52,14 +52,17 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
           verify_checksums: bool = False, speedups: Speedups = Speedups()) -> dict:  # noqa: B008 (frozen)
     """Top-1, top-5, mean cross-entropy, image count and images/s over every image of ``rec`` once."""
     shards = data.find_shards(rec)
-    loaded = ready(prefix, epoch, ctx, data_shape, speedups)
-    net, num_classes = loaded.net, loaded.num_classes
-    data.check_records(shards, num_classes)  # a label the model has no class for is named with its shard
+    scan = data.check_records(shards)
     unverifiable = check_checksums(shards, verify=verify_checksums)
     check_duplicates(shards)
     if unverifiable:
         log.info("%d of %d shards have no .crc checksum file: they cannot be checksum-verified", len(unverifiable),
                  len(shards))
+    loaded = ready(prefix, epoch, ctx, data_shape, speedups)
+    net, num_classes = loaded.net, loaded.num_classes
+    if scan.max_label >= num_classes:
+        raise UserError(f"{scan.max_label_at} has label {scan.max_label}, outside 0..{num_classes - 1} (the model's "
+                        f"classes): score it on the data it was trained for")
     total = data.count_records(shards)
     if total == 0:
         raise UserError(f"--rec {rec}: the shards hold no records ({', '.join(shards)}): give shards with images")
