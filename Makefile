@@ -39,5 +39,6 @@ test-fast: lint
 demo: venv
 	bash scripts/demo.sh
 
+# Keeps runs/ (every shipped config writes its checkpoints there) and demo_data/.
 clean:
-	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache .ruff_cache build dist runs demo_data
+	rm -rf $(VENV) $(REF_VENV) *.egg-info .pytest_cache .ruff_cache build dist

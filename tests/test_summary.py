@@ -112,7 +112,7 @@ def test_cli_table_and_json(capsys):
     (["xception", "--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
     (["xception", "--num-classes", "-3"], "--num-classes must be a positive integer, got -3"),
     (["xception", "--input-size", "big"], "argument --input-size: invalid int value: 'big'"),
-    ([], "the following arguments are required: model"),
+    ([], "name one model, as MODEL or --model MODEL"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, argv, message):
     assert main(argv) == 2
@@ -128,3 +128,18 @@ def test_module_entry_point_unknown_model():
     assert proc.returncode == 2 and proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("python -m xception_mx.summary: error: unknown model 'nope'")
+
+
+def test_the_model_is_named_as_an_argument_or_as_the_trainer_spells_it(capsys):
+    assert main(["xception_slim", "--input-size", "72", "--json"]) == 0
+    positional = json.loads(capsys.readouterr().out)
+    assert main(["--model", "xception_slim", "--input-size", "72", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == positional
+    assert main([]) == 2 and "name one model" in capsys.readouterr().err
+    assert main(["xception", "--model", "xception_slim"]) == 2
+
+
+def test_the_curves_tool_has_a_help_that_exits_zero():
+    result = subprocess.run([sys.executable, "-m", "xception_mx.metrics", "-h"], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert result.returncode == 0 and "METRICS.jsonl OUT.png" in result.stdout

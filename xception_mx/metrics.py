@@ -127,6 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
 
     def body() -> int:
+        if argv[:1] in (["-h"], ["--help"]):
+            print("usage: python -m xception_mx.metrics METRICS.jsonl OUT.png\n\nRedraw a run's curves.png from its "
+                  "metrics.jsonl.")
+            return 0
         if len(argv) != 2:
             raise UserError("usage: python -m xception_mx.metrics METRICS.jsonl OUT.png")
         if not os.path.exists(argv[0]):

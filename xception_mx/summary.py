@@ -278,7 +278,8 @@ PROG = "python -m xception_mx.summary"
 def _parser() -> OneLineParser:
     parser = OneLineParser(prog=PROG, allow_abbrev=False,
                            description="Per-stage shapes, parameters, multiply-adds and training activation memory.")
-    parser.add_argument("model", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("model", nargs="?", help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same, as the trainer spells it")
     parser.add_argument("--input-size", type=int, default=299, help="square input side in pixels (default 299)")
     parser.add_argument("--num-classes", type=int, default=1000, help="classifier outputs (default 1000)")
     parser.add_argument("--batch-size", type=int, default=32, help="batch of the activation memory (default 32)")
@@ -290,7 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     """``python -m xception_mx.summary MODEL ...`` / ``xception-summary``: 0 on success, 2 on bad input."""
     def body() -> int:
         args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
-        summary = summarize(args.model, args.input_size, args.num_classes, args.batch_size)
+        if (args.model is None) == (args.model_flag is None):
+            raise UserError(f"name one model, as MODEL or --model MODEL (one of: {', '.join(list_models())})")
+        summary = summarize(args.model or args.model_flag, args.input_size, args.num_classes, args.batch_size)
         print(json.dumps(summary.to_dict(), indent=2) if args.json else format_table(summary))
         return 0
 
