@@ -337,11 +337,15 @@ def shard_fingerprint(rec_path: str) -> tuple[int, int]:
 
 
 def duplicate_shards(rec_paths: list[str]) -> list[tuple[str, str]]:
-    """(first, copy) for every shard holding the same records as an earlier one in ``rec_paths`` (empty ones aside)."""
+    """(first, copy) for every shard holding the same records as an earlier one in ``rec_paths`` (empty ones aside).
+    Only shards of equal size are read (a copy has its original's size; distinct shards almost never do)."""
+    sizes: dict[int, int] = {}
+    for path in rec_paths:
+        sizes[os.path.getsize(path)] = sizes.get(os.path.getsize(path), 0) + 1
     first: dict[tuple[int, int], str] = {}
     copies = []
     for path in rec_paths:
-        if os.path.getsize(path) == 0:
+        if os.path.getsize(path) == 0 or sizes[os.path.getsize(path)] < 2:
             continue
         key = shard_fingerprint(path)
         if key in first:
