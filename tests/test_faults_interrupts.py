@@ -196,6 +196,7 @@ _KILL_AT = {  # stage -> (module, class or "", the function patched to kill at i
     "metrics line": ("xception_mx.writer", "", "append_synced"),
     "best.json": ("xception_mx.writer", "", "atomic_write_text"),
     "curves": ("xception_mx.writer", "", "plot_curves"),
+    "TensorBoard": ("xception_mx.board", "Board", "flush"),  # the first flush: at epoch 1's checkpoint
 }
 
 
@@ -203,7 +204,8 @@ _KILL_AT = {  # stage -> (module, class or "", the function patched to kill at i
 def test_a_sigkill_at_any_write_of_epoch_one_leaves_a_folder_the_next_command_continues(colour_shards, tmp_path,
                                                                                       stage):
     out = tmp_path / "run"
-    args = base_args(colour_shards, out, "--num-epochs", "2", "--prefix", "my_prefix")
+    board = ["--tensorboard", str(tmp_path / "tb")] if stage == "TensorBoard" else []
+    args = base_args(colour_shards, out, "--num-epochs", "2", "--prefix", "my_prefix", *board)
     module, cls, name = _KILL_AT[stage]
     script = (
         "import importlib, os, signal, sys\n"

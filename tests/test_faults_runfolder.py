@@ -65,19 +65,35 @@ def test_a_full_disk_at_every_checkpoint_stage_is_one_line_and_the_last_checkpoi
     assert [r["epoch"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2]
 
 
-def test_a_full_disk_before_the_first_checkpoint_says_to_start_again_and_that_works(colour_shards, small_disk):
+def test_a_full_disk_at_every_stage_of_a_fresh_run_names_the_next_step_and_it_works(colour_shards, small_disk):
+    """From the first export on: the line says resume (naming the real checkpoint) or start again, and doing what it
+    says, after freeing space, finishes the run."""
     out = small_disk / "run"
-    args = base_args(colour_shards, out, "--num-epochs", "1")
-    filler = small_disk / "filler"
-    with open(filler, "wb") as f:  # room for the config and the log, not for epoch 1's export
-        f.write(b"\0" * (shutil.disk_usage(small_disk).free - 60_000))
-    result = train_cli(args)
-    line = one_line(result)
-    assert result.returncode == 1 and "while writing the export of epoch 1" in line, line
-    assert "no checkpoint was complete yet: start the run again" in line and "intact" not in line
-    filler.unlink()
-    assert train_cli(args).returncode == 0  # the fresh start the line points to takes the folder
-    assert RunFolder(str(out), PREFIX).epochs() == [1]
+    args = base_args(colour_shards, out, "--num-epochs", "2")
+    assert train_cli(args).returncode == 0
+    need = sum(p.stat().st_size for p in out.iterdir() if p.is_file()) // 2  # about one epoch's files
+    shutil.rmtree(out)
+    stages = set()
+    for leave in (60_000, need // 2, need, need + need // 2):
+        filler = small_disk / "filler"
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(0, shutil.disk_usage(small_disk).free - leave))
+        result = train_cli(args)
+        filler.unlink()
+        if result.returncode != 0:
+            line = one_line(result)
+            assert result.returncode == 1 and "intact" not in line, line
+            stages.add(line.split(" while writing ")[1].split(" in ")[0])
+            if "start the run again" in line:
+                again = train_cli(args)
+            else:
+                again = train_cli(shlex.split(line.split(" with: ")[1])[1:])
+            assert again.returncode == 0, (line, again.stderr[-2000:])
+        assert RunFolder(str(out), PREFIX).epochs()[-1] == 2
+        assert [r["epoch"] for r in read_jsonl(str(out / "metrics.jsonl"))] == [1, 2]
+        shutil.rmtree(out)
+    assert len(stages) >= 2, stages
+    assert any("epoch 1" in stage for stage in stages), stages
 
 
 # 5 -------------------------------------------------------------------------------------------------------------
