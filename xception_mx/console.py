@@ -116,6 +116,7 @@ def setup_logging(verbose: bool = False) -> None:
     """``HH:MM:SS message`` lines on stdout for the ``xception_mx`` loggers."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    handler.addFilter(lambda record: not getattr(record, "file_only", False))  # lines a progress bar stands for
     root = logging.getLogger("xception_mx")
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Iterable, Iterator
 
 from .metrics import Accumulator
 
@@ -23,6 +24,7 @@ class Progress:
         self.done = self.first = start
         self.bar = None
         self.rate = 0.0
+        self.data_wait = 0.0  # seconds spent waiting for the next batch (:meth:`timed`)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -35,15 +37,30 @@ class Progress:
         rate = (self.done - self.first) * self.batch_size / elapsed
         eta = (self.total - self.done) * self.batch_size / max(rate, 1e-9)
         norm = "" if grad_norm is None else f" grad-norm {grad_norm:.3g}"
+        data = 100 * self.data_wait / elapsed
         if self.bar is not None:
             if acc is not None:
                 self.bar.set_postfix(loss=f"{acc.loss:.4f}", top1=f"{acc.top(1):.3f}", img_s=f"{rate:.1f}",
-                                     lr=f"{lr:.3g}", refresh=False)
+                                     data=f"{data:.0f}%", lr=f"{lr:.3g}", refresh=False)
             self.bar.update(1)
-        elif acc is not None:
-            log.info("epoch %d [%d/%d] loss %.4f top-1 %.4f lr %.4g%s %.1f img/s ETA %ds", self.epoch, self.done,
-                     self.total, acc.loss, acc.top(1), lr, norm, rate, eta)
+        if acc is not None:  # under a bar, train.log still gets the line (the terminal shows the bar instead)
+            log.info("epoch %d [%d/%d] loss %.4f top-1 %.4f lr %.4g%s %.1f img/s data %.0f%% ETA %ds", self.epoch,
+                     self.done, self.total, acc.loss, acc.top(1), lr, norm, rate, data, eta,
+                     extra={"file_only": self.bar is not None})
         self.rate = rate
+
+    def timed(self, batches: Iterable) -> Iterator:
+        """``batches``, adding the time each one took to arrive to :attr:`data_wait` (with MXNet's threaded engine
+        that includes waiting for the step that still reads the buffer it reuses)."""
+        source = iter(batches)
+        while True:
+            start = time.time()
+            try:
+                batch = next(source)
+            except StopIteration:
+                return
+            self.data_wait += time.time() - start
+            yield batch
 
     def close(self) -> None:
         if self.bar is not None:

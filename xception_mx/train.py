@@ -278,7 +278,7 @@ class Trainer:
         interval, last_save = config.checkpoint_interval * 60, time.time()
         batches = train_data(config, self.plan.shards.train, self.local_batch, epoch, self.cluster.size,
                              self.cluster.rank)
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(run.progress.timed(batches)):
             if i >= self.batches_per_epoch:
                 break
             if i < run.skip:  # trained on before the interruption: keep the data order and the mixup draws
