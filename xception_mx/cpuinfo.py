@@ -7,7 +7,18 @@ import os
 import platform
 from collections.abc import MutableMapping
 
-__all__ = ["cpu_flags", "cpu_model", "cpu_line", "enable_amx", "BENCH_FLAGS"]
+__all__ = ["cpu_flags", "cpu_model", "cpu_line", "enable_amx", "BENCH_FLAGS", "BLOCKED_CHANNELS",
+           "auto_channel_multiple"]
+
+#: oneDNN's blocked layouts hold channels in groups of 16 (AVX-512); MXNet 1.9.1 refuses them for other widths
+#: (``padding.py``), so a depthwise bf16 convolution of another width is slow (``precision.py``).
+BLOCKED_CHANNELS = 16
+
+
+def auto_channel_multiple(on_gpu: bool) -> int:
+    """What ``--channel-multiple auto`` means, for training and at load alike: 16 on CPUs, 1 on GPUs (cuDNN needs
+    no padding)."""
+    return 1 if on_gpu else BLOCKED_CHANNELS
 
 #: The SIMD flags that decide which oneDNN kernels run: what a benchmark table names.
 BENCH_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_fp16")

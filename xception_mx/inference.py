@@ -12,20 +12,18 @@ from dataclasses import dataclass
 
 import mxnet as mx
 
-from .cpuinfo import cpu_flags
+from .cpuinfo import BLOCKED_CHANNELS, auto_channel_multiple, cpu_flags
 from .errors import UserError
 from .model import MIN_INPUT_SIZE
 from .pad_export import pad_export
-from .precision import BLOCKED_CHANNELS
 from .runfolder import numbered_files
 
-__all__ = ["Speedups", "Ready", "load_exported", "can_fuse", "ready", "AUTO_MULTIPLE"]
+__all__ = ["Speedups", "Ready", "load_exported", "can_fuse", "ready"]
 
 log = logging.getLogger("xception_mx.inference")
 
-#: ``--channel-multiple auto`` at load on CPU contexts: every path measured as fast or faster padded (bfloat16 1.55x,
-#: fused fp32 1.05-1.14x; benchmarks/README.md, "Inference"); GPUs need no padding (cuDNN).
-AUTO_MULTIPLE = 16
+#: ``--channel-multiple auto`` at load means what it means in training (``cpuinfo.auto_channel_multiple``): on CPU
+#: every path measured as fast or faster padded (bfloat16 1.55x, fused fp32 1.05-1.14x; benchmarks/README.md).
 
 
 @dataclass(frozen=True)
@@ -40,7 +38,7 @@ class Speedups:
     def multiple(self, ctx: list[mx.Context]) -> int:
         if self.channel_multiple != "auto":
             return int(self.channel_multiple)
-        return AUTO_MULTIPLE if all(c.device_type == "cpu" for c in ctx) else 1
+        return auto_channel_multiple(any(c.device_type != "cpu" for c in ctx))
 
 
 @dataclass(frozen=True)

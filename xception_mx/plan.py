@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from .board import check_available
 from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved
 from .console import command_line
-from .cpuinfo import cpu_flags
+from .cpuinfo import auto_channel_multiple, cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
 from .records import (
@@ -95,7 +95,7 @@ def channel_multiple(config: RunConfig) -> int:
     """The multiple the network's widths are rounded up to: ``auto`` is 16 on CPUs, where MXNet refuses oneDNN's
     blocked kernels for widths that are not multiples of 16 (``padding.py``), and 1 on GPUs (cuDNN needs none)."""
     if config.channel_multiple == "auto":
-        return 1 if config.gpus else 16
+        return auto_channel_multiple(bool(config.gpus))
     return int(config.channel_multiple)
 
 

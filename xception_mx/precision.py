@@ -13,6 +13,8 @@ from contextlib import nullcontext
 
 import mxnet as mx
 
+from .cpuinfo import BLOCKED_CHANNELS
+
 __all__ = ["Precision"]
 
 _initialised: str | None = None
@@ -34,8 +36,6 @@ def _init_amp(mode: str) -> None:
     _initialised = mode
 
 
-#: oneDNN's blocked layouts hold channels in groups of 16 (AVX-512); MXNet 1.9.1 refuses them for other widths.
-BLOCKED_CHANNELS = 16
 
 
 def _keep_depthwise_float32(plain_convolution) -> None:
