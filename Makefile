@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "xception_mx needs Python 3.11 (mxnet 1.9.1 wheels): run make PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools<70' wheel
-	$(BIN)/python -m pip install -q -e '.[test,demo,onnx,tensorboard]'
+	$(BIN)/python -m pip install -q -e '.[cpu,test,demo,onnx,tensorboard]'
 	touch $@
 
 ref-venv:
