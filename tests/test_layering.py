@@ -1,6 +1,6 @@
 """The import layers (ARCHITECTURE.md, "Layers"), read from the source with ``ast``: nothing is imported.
 
-im2rec_tools takes only xception_mx's base (errors, fileio, console), which imports nothing else of either package;
+im2rec_tools takes only xception_mx's base (errors, fileio, console, installed), which imports nothing else of either package;
 the model builders (model.py, aligned.py) sit below the registry; no cycle among the modules' top-level imports.
 """
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("xception_mx", "im2rec_tools")
-BASE = {"xception_mx.errors", "xception_mx.fileio", "xception_mx.console"}
+BASE = {"xception_mx.errors", "xception_mx.fileio", "xception_mx.console", "xception_mx.installed"}
 
 
 def _modules() -> dict[str, Path]:
