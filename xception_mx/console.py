@@ -6,16 +6,19 @@ Imports no MXNet: ``train_xception.py`` must choose MXNet's engine before MXNet 
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
+import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from importlib import metadata
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, UserError
 
-__all__ = ["CONSOLE_SCRIPTS", "program_name", "command_line", "OneLineParser", "run_command", "run_cli",
-           "setup_logging", "log_to_file"]
+__all__ = ["CONSOLE_SCRIPTS", "program_name", "command_line", "sibling_name", "closest", "did_you_mean", "version_line",
+           "OneLineParser", "run_command", "run_cli", "setup_logging", "log_to_file"]
 
 #: Each command's script or ``python -m`` form (what the code names it by) -> its installed console script.
 CONSOLE_SCRIPTS = {
@@ -45,24 +48,104 @@ def command_line(prog: str, *args: object) -> str:
     return " ".join([program_name(prog), shlex.join(map(str, args))]).rstrip()
 
 
+def sibling_name(form: str) -> str:
+    """Another program of this project (a form in :data:`CONSOLE_SCRIPTS`) as the user would type it: its console
+    script when the running program is one (they are installed together), else ``form``."""
+    typed = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return CONSOLE_SCRIPTS.get(form, form) if typed in CONSOLE_SCRIPTS.values() else form
+
+
+def closest(word: str, candidates: Iterable[str]) -> str | None:
+    """The candidate closest to ``word`` (``difflib``; a misspelt flag, key or name), or None if none is close."""
+    close = difflib.get_close_matches(word, list(candidates), n=1)
+    return close[0] if close else None
+
+
+def did_you_mean(words: Iterable[str], candidates: Iterable[str]) -> str:
+    """`` (did you mean X, Y?)``: the candidate closest to each of ``words`` (:func:`closest`), or ``""``."""
+    candidates = list(candidates)
+    found = [c for c in (closest(w, candidates) for w in words) if c is not None]
+    return f" (did you mean {', '.join(found)}?)" if found else ""
+
+
+def version_line(prog: str) -> str:
+    """``PROG VERSION (mxnet VERSION)``: MXNet's version from its installed metadata, so MXNet is not loaded (the
+    trainer chooses MXNet's engine before it loads)."""
+    package = sys.modules[__name__.rpartition(".")[0]]  # xception_mx, loaded before any of its modules
+    try:
+        mxnet = metadata.version("mxnet")
+    except metadata.PackageNotFoundError:
+        mxnet = "not installed"
+    return f"{prog} {package.__version__} (mxnet {mxnet})"
+
+
+class _Version(argparse.Action):
+    """``--version``: :func:`version_line`, exit 0."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_line(parser.prog))
+        parser.exit()
+
+
+#: argparse's lines for unknown arguments and for a value outside ``choices`` (a sub-command's name among them).
+_UNRECOGNIZED = "unrecognized arguments: "
+_INVALID_CHOICE = re.compile(r"invalid choice: '(?P<word>[^']*)' \(choose from (?P<choices>.*)\)$")
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag as one :class:`UserError` line (not usage + error + exit), under the name
-    the user typed (:func:`program_name`); :meth:`add_commands` makes its sub-commands."""
+    the user typed (:func:`program_name`), with the closest flag or value when one is close (:func:`did_you_mean`);
+    ``--version`` (top-level parsers); :meth:`add_commands` makes its sub-commands."""
+
+    top_level = True  # False for sub-command parsers: no --version of their own
 
     def __init__(self, *args, **kwargs) -> None:
         if kwargs.get("prog") is not None:
             kwargs["prog"] = program_name(kwargs["prog"])
         super().__init__(*args, **kwargs)
         self.commands: argparse._SubParsersAction | None = None
+        self.parsed: argparse.Namespace | None = None  # what the last parse_known_args found
+        if self.top_level:
+            self.add_argument("--version", action=_Version, help="print the version (and MXNet's) and exit")
 
     def add_commands(self) -> argparse._SubParsersAction:
         """The sub-commands: ``add_parser(name, ...)`` each, with ``set_defaults(func=...)`` (``func(args)`` runs
         it, see :func:`run_command`)."""
-        self.commands = self.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
+        self.commands = self.add_subparsers(dest="command", metavar="COMMAND", parser_class=_CommandParser)
         return self.commands
 
+    def parse_known_args(self, args=None, namespace=None):
+        """argparse's; the result is kept, so that :meth:`error` knows the sub-command chosen."""
+        parsed, extras = super().parse_known_args(args, namespace)
+        self.parsed = parsed
+        return parsed, extras
+
+    def flags(self) -> list[str]:
+        """The option strings this parser shows in its help."""
+        return [s for a in self._actions if a.help is not argparse.SUPPRESS for s in a.option_strings]
+
     def error(self, message):
-        raise UserError(f"{message} (see {self.prog} --help)")
+        chosen = self.commands.choices.get(getattr(self.parsed, "command", "")) if self.commands else None
+        owner = chosen if isinstance(chosen, OneLineParser) and message.startswith(_UNRECOGNIZED) else self
+        raise UserError(message + (owner._hint(message) or f" (see {owner.prog} --help)"))
+
+    def _hint(self, message: str) -> str:
+        """`` (did you mean ...?)`` for an unknown flag (among this parser's) or a value outside a flag's choices (a
+        sub-command's name among them)."""
+        if message.startswith(_UNRECOGNIZED):
+            unknown = [word.split("=")[0] for word in message[len(_UNRECOGNIZED):].split() if word[:1] == "-"]
+            return did_you_mean(unknown, self.flags())
+        choice = _INVALID_CHOICE.search(message)
+        return did_you_mean([choice["word"]], re.findall(r"'([^']*)'", choice["choices"])) if choice else ""
+
+
+class _CommandParser(OneLineParser):
+    """A sub-command's parser (``im2rec-tools pack``): the top-level parser has ``--version``."""
+
+    top_level = False
 
 
 def run_command(parser: OneLineParser, argv: Sequence[str], default: str | None = None,
@@ -74,7 +157,7 @@ def run_command(parser: OneLineParser, argv: Sequence[str], default: str | None 
     if parser.commands is None:
         raise TypeError("run_command needs a parser whose add_commands() was called")
     names = parser.commands.choices
-    implicit = default is not None and not (argv[:1] and (argv[0] in names or argv[0] in ("-h", "--help")))
+    implicit = default is not None and not (argv[:1] and (argv[0] in names or argv[0] in ("-h", "--help", "--version")))
     parsed = []
 
     def parse() -> None:
