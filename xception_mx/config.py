@@ -8,8 +8,8 @@ Unknown keys, wrong types and impossible values raise :class:`UserError` with on
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
-import difflib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
-from .console import OneLineParser
+from .console import OneLineParser, closest, did_you_mean
 from .errors import UserError
+from .fileio import atomic_write_text
 
 __all__ = ["RunConfig", "Option", "SCHEMA", "load_yaml", "resolve", "build_parser", "dump_yaml",
            "parse_device_list", "upgrade_saved"]
@@ -32,54 +33,52 @@ class Option:
     help: str
     choices: Sequence[str] | None = None
     check: Callable[[Any], str | None] | None = None  # returns an error text or None
+    group: str = ""  # the --help group the flag is listed in
+    metavar: str | None = None  # the flag's value in --help, when not its choices or its kind
 
 
-def _positive(v):
-    return None if v > 0 else "must be > 0"
+def _rule(test: Callable[[Any], bool], problem: str) -> Callable[[Any], str | None]:
+    return lambda v: None if test(v) else problem
 
 
-def _non_negative(v):
-    return None if v >= 0 else "must be >= 0"
-
-
-def _fraction(v):
-    return None if 0 <= v < 1 else "must be in [0, 1)"
-
-
-def _unit_interval(v):
-    return None if 0 < v <= 1 else "must be in (0, 1]"
-
-
-def _three(v):
-    return None if len(v) == 3 else "needs 3 values (one per channel)"
-
-
-def _positive_all(v):
-    return None if all(x > 0 for x in v) else "must all be > 0"
-
-
-def _non_negative_ints(v):
-    return None if all(x >= 0 for x in v) else "device ids must be >= 0"
-
-
-def _multiple(v):
-    return None if v == "auto" or (v.isdigit() and int(v) > 0) else "must be auto or a positive integer"
+_positive = _rule(lambda v: v > 0, "must be > 0")
+_non_negative = _rule(lambda v: v >= 0, "must be >= 0")
+_fraction = _rule(lambda v: 0 <= v < 1, "must be in [0, 1)")
+_unit_interval = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+_three = _rule(lambda v: len(v) == 3, "needs 3 values (one per channel)")
+_positive_all = _rule(lambda v: all(x > 0 for x in v), "must all be > 0")
+_non_negative_ints = _rule(lambda v: all(x >= 0 for x in v), "device ids must be >= 0")
+_multiple = _rule(lambda v: v == "auto" or (v.isdigit() and int(v) > 0), "must be auto or a positive integer")
 
 
 def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
-           check: Callable[[Any], str | None] | None = None, kind: str | None = None) -> Any:
+           check: Callable[[Any], str | None] | None = None, kind: str | None = None, group: str | None = None,
+           metavar: str | None = None) -> Any:
     """A :class:`RunConfig` field: its default, the flag's help, allowed values, a check (``kind`` overrides the kind
-    read from the field's type: ``optional_int`` is ``--resume [N]``)."""
-    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "kind": kind})
+    read from the field's type: ``optional_int`` is ``--resume [N]``); ``group`` opens that ``--help`` group (this
+    key and the ones after it, up to the next group); ``metavar``: the value in ``--help``."""
+    return field(default=default, metadata={"help": help, "choices": choices, "check": check, "kind": kind,
+                                            "group": group, "metavar": metavar})
+
+
+def registered_models() -> list[str]:
+    """``registry.list_models()``, read from ``registry.py``'s tables without importing it (that loads MXNet, and the
+    trainer parses before MXNet loads); a test keeps the two equal."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "registry.py")
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    tables = {node.target.id: [ast.literal_eval(key) for key in node.value.keys if key is not None]
+              for node in tree.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+              and isinstance(node.value, ast.Dict)}
+    return sorted(tables["MODEL_CONFIGS"]) + sorted(tables["ALIGNED_CONFIGS"])
 
 
 @dataclass(frozen=True)
 class RunConfig:
     """A run's resolved configuration (every key, checked). Built by :func:`resolve`, never changed afterwards:
     :meth:`replace` gives a changed copy. Lists are tuples; :meth:`to_dict` is the form saved in YAML and manifests."""
-    # Data
     data_dir: str | None = option(None, "folder with train*.rec and val*.rec shards and their .idx "
-                                        "(im2rec_tools layout)")
+                                        "(im2rec_tools layout)", group="data")
     train_rec: str | None = option(None, "training shards: a prefix, a glob or a ';'-separated list "
                                          "(overrides data_dir)")
     val_rec: str | None = option(None, "validation shards: a prefix, a glob or a ';'-separated list "
@@ -94,40 +93,53 @@ class RunConfig:
     mean: tuple[float, ...] = option((127.5, 127.5, 127.5), "per-channel mean (RGB, 0-255 scale)", check=_three)
     std: tuple[float, ...] = option((127.5, 127.5, 127.5), "per-channel std (RGB, 0-255 scale)",
         check=lambda v: _three(v) or _positive_all(v))
-    min_area: float = option(0.08, "random resized crop: smallest area fraction", check=_unit_interval)
-    mirror: bool = option(True, "random horizontal flips")
-    color_jitter: float = option(0.0, "brightness/contrast/saturation jitter (0 = off)", check=_non_negative)
-    pca_noise: float = option(0.0, "PCA lighting noise (0 = off)", check=_non_negative)
     preprocess_threads: int = option(4, "decoding/augmentation threads", check=_positive)
     verify_checksums: bool = option(False, "at start, check every record against the shards' .crc checksums "
                                               "(reads all the data; record counts are always checked)")
-    # Model
-    model: str = option("xception", "registered model name (see xception_mx.list_models())")
-    filter_list: tuple[int, ...] | None = option(None, "7 widths overriding the model's filter list")
+    min_area: float = option(0.08, "random resized crop: smallest area fraction", check=_unit_interval,
+        group="augmentation and regularisation")
+    mirror: bool = option(True, "random horizontal flips")
+    color_jitter: float = option(0.0, "brightness/contrast/saturation jitter (0 = off)", check=_non_negative)
+    pca_noise: float = option(0.0, "PCA lighting noise (0 = off)", check=_non_negative)
+    label_smoothing: float = option(0.0, "label smoothing epsilon", check=_fraction)
+    mixup: float = option(0.0, "mixup alpha (0 = off)", check=_non_negative)
     dropout: float = option(0.5, "dropout before the classifier (0 disables)", check=_fraction)
+    model: str = option("xception", "registered model (xception_mx.list_models())", choices=registered_models(),
+        group="model")
+    filter_list: tuple[int, ...] | None = option(None, "7 widths overriding the model's filter list")
     bn_momentum: float = option(0.99, "BatchNorm running-statistics momentum (Keras: 0.99)", check=_fraction)
     bn_epsilon: float = option(1e-3, "BatchNorm epsilon", check=_positive)
     channel_multiple: str = option("auto", "compute with every width rounded up to a multiple of N, the added "
                                            "channels exactly zero; files keep the paper's shapes. auto = 16 on CPUs "
-                                           "(oneDNN's fast kernels), 1 with --gpus", check=_multiple)
-    # Devices
-    gpus: tuple[int, ...] = option((), "GPU ids, e.g. 0,1,2,3; empty = CPU", check=_non_negative_ints)
+                                           "(oneDNN's fast kernels), 1 with --gpus", check=_multiple,
+        metavar="{auto,N}")
+    gpus: tuple[int, ...] = option((), "GPU ids, e.g. 0,1,2,3; empty = CPU", check=_non_negative_ints,
+        group="devices and precision")
     cpus: int = option(1, "number of CPU contexts when no GPU is given (tests the multi-device path)",
         check=_positive)
     kv_store: str = option("device", "KVStore type: device, local (one process); dist_sync, dist_device_sync "
                                         "(MXNet parameter server, run under python -m xception_mx.launch); "
                                         "horovod (one process per device, run under horovodrun)",
         choices=["device", "local", "dist_sync", "dist_device_sync", "horovod"])
-    batch_size: int = option(32, "global batch of one step, summed over all devices and workers, split evenly "
-                                    "across them", check=_positive)
     amp: str = option("off", "mixed precision through mx.contrib.amp: bfloat16 (CPUs with avx512_bf16), "
                                 "float16 (GPUs, dynamic loss scaling); weights, optimizer state, checkpoints and "
                                 "exports stay float32", choices=["off", "bfloat16", "float16"])
     loss_scale_window: int = option(2000, "--amp float16: good steps before the loss scale doubles (it halves "
                                              "at once on an overflow, and that step is skipped)", check=_positive)
-    # Optimisation
-    optimizer: str = option("sgd", "optimizer", choices=["sgd", "nag", "rmsprop", "adam"])
+    optimizer: str = option("sgd", "optimizer", choices=["sgd", "nag", "rmsprop", "adam"], group="optimizer")
+    batch_size: int = option(32, "global batch of one step, summed over all devices and workers, split evenly "
+                                    "across them", check=_positive)
+    accumulate: int = option(1, "sum the gradients of N micro-batches of batch_size / N images into one "
+                                   "update of batch_size (the schedule counts updates)", check=_positive)
     lr: float = option(0.045, "base learning rate (after warm-up)", check=_positive)
+    momentum: float = option(0.9, "momentum (sgd, nag) or gamma2 (rmsprop)", check=_fraction)
+    wd: float = option(1e-5, "weight decay", check=_non_negative)
+    no_wd_bn_bias: bool = option(False, "no weight decay on BatchNorm gamma/beta and biases")
+    clip_grad_norm: float = option(0.0, "scale the gradients down to this global L2 norm when above it "
+                                           "(0 = off)", check=_non_negative)
+    ema: float = option(0.0, "EMA/Polyak decay of weights used for evaluation and export (0 = off)",
+        check=_fraction)
+    num_epochs: int = option(100, "epochs to train", check=_positive, group="schedule")
     lr_mode: str = option("exp", "schedule: exp = x lr_decay every lr_decay_period epochs; step = x lr_decay "
                                     "at lr_step_epochs; cosine; poly", choices=["exp", "step", "cosine", "poly"])
     lr_decay: float = option(0.94, "decay factor for exp and step", check=_unit_interval)
@@ -137,45 +149,34 @@ class RunConfig:
     target_lr: float = option(0.0, "cosine/poly: final learning rate", check=_non_negative)
     warmup_epochs: int = option(0, "linear warm-up epochs from warmup_lr to lr", check=_non_negative)
     warmup_lr: float = option(0.0, "learning rate at the start of warm-up", check=_non_negative)
-    momentum: float = option(0.9, "momentum (sgd, nag) or gamma2 (rmsprop)", check=_fraction)
-    wd: float = option(1e-5, "weight decay", check=_non_negative)
-    no_wd_bn_bias: bool = option(False, "no weight decay on BatchNorm gamma/beta and biases")
-    label_smoothing: float = option(0.0, "label smoothing epsilon", check=_fraction)
-    mixup: float = option(0.0, "mixup alpha (0 = off)", check=_non_negative)
-    accumulate: int = option(1, "sum the gradients of N micro-batches of batch_size / N images into one "
-                                   "update of batch_size (the schedule counts updates)", check=_positive)
-    clip_grad_norm: float = option(0.0, "scale the gradients down to this global L2 norm when above it "
-                                           "(0 = off)", check=_non_negative)
-    ema: float = option(0.0, "EMA/Polyak decay of weights used for evaluation and export (0 = off)",
-        check=_fraction)
-    num_epochs: int = option(100, "epochs to train", check=_positive)
-    seed: int = option(0, "seed for initialisation, data order, augmentation and dropout", check=_non_negative)
-    # Output, checkpoints, resume
-    output_dir: str = option("runs/xception", "where checkpoints, metrics.jsonl, curves.png and config.yaml go")
+    output_dir: str = option("runs/xception", "where checkpoints, metrics.jsonl, curves.png and config.yaml go",
+        group="run folder and checkpoints")
     prefix: str | None = option(None, "checkpoint file prefix (default: the model name)")
+    keep_last: int = option(0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
+        check=_non_negative)
+    checkpoint_interval: float = option(30.0, "minutes between recovery checkpoints inside an epoch (what a "
+                                                 "SIGKILL or a lost node costs at most; 0 = off)",
+        check=_non_negative)
     softmax_head: bool = option(False, "also write each epoch's export with a SoftmaxOutput head as "
                                           "PREFIX-softmax-symbol.json + PREFIX-softmax-EEEE.params (MXNet's Module "
                                           "tools: softmax_label)")
     tensorboard: str | None = option(None, "also write TensorBoard event files into this folder (needs the "
                                        "'tensorboard' extra: pip install 'xception_mx[tensorboard]')")
-    keep_last: int = option(0, "keep only the last K epochs' checkpoints, plus the best (0 = keep all)",
-        check=_non_negative)
     log_interval: int = option(50, "log a progress line every N batches", check=_positive)
-    checkpoint_interval: float = option(30.0, "minutes between recovery checkpoints inside an epoch (what a "
-                                                 "SIGKILL or a lost node costs at most; 0 = off)",
-        check=_non_negative)
     resume: int | None = option(None, "continue exactly from the latest checkpoint in output_dir "
-                                           "(or from the given epoch)", kind="optional_int")
+                                           "(or from the given epoch)", kind="optional_int", metavar="EPOCH",
+        group="resume, retrain and fine-tuning")
     retrain: bool = option(False, "with model_load_epoch and lr: start from that epoch's weights and "
                                      "optimizer state with a new schedule beginning at lr")
     model_load_epoch: int | None = option(None, "epoch to load (alone: same as --resume N)", check=_positive)
-    # Fine-tuning
     pretrained: str | None = option(None, "start a fresh run from these weights, all but the classifier: a run's "
                                       "PREFIX-EEEE.state.params, or a python -m xception_mx.convert output prefix")
     freeze_features_epochs: int = option(0, "train only the classifier for the first N epochs",
         check=_non_negative)
     features_lr_mult: float = option(1.0, "learning-rate multiplier of the features (the classifier gets 1)",
         check=_non_negative)
+    seed: int = option(0, "seed for initialisation, data order, augmentation and dropout", check=_non_negative,
+        group="reproducibility and debugging")
     deterministic: str = option("auto", "bit-reproducible runs through MXNet's serial NaiveEngine "
                                            "(apache/mxnet#13829): auto = on for single-process CPU runs, off on "
                                            "GPUs and for distributed runs",
@@ -199,12 +200,17 @@ def _plain(value: Any) -> Any:
 _KINDS = {"str": "str", "str | None": "str", "int": "int", "int | None": "int", "float": "float", "bool": "bool",
           "tuple[int, ...]": "ints", "tuple[int, ...] | None": "ints", "tuple[float, ...]": "floats"}
 
-SCHEMA: list[Option] = [
-    Option(f.name, f.metadata["kind"] or _KINDS[str(f.type)], f.default, f.metadata["help"], f.metadata["choices"],
-           f.metadata["check"])
-    for f in fields(RunConfig)
-]
 
+def _schema() -> list[Option]:
+    options, group = [], ""
+    for f in fields(RunConfig):
+        group = f.metadata["group"] or group
+        options.append(Option(f.name, f.metadata["kind"] or _KINDS[str(f.type)], f.default, f.metadata["help"],
+                              f.metadata["choices"], f.metadata["check"], group, f.metadata["metavar"]))
+    return options
+
+
+SCHEMA: list[Option] = _schema()
 _BY_NAME = {opt.name: opt for opt in SCHEMA}
 
 
@@ -257,7 +263,8 @@ def _check(opt: Option, value: Any, source: str) -> None:
     if value is None:
         return
     if opt.choices is not None and value not in opt.choices:
-        raise UserError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}; got {value!r}")
+        hint = did_you_mean([str(value)], opt.choices)
+        raise UserError(f"{source}: {opt.name} must be one of {', '.join(opt.choices)}; got {value!r}{hint}")
     if opt.check is not None:
         problem = opt.check(value)
         if problem:
@@ -281,8 +288,8 @@ def upgrade_saved(config: dict) -> dict:
 def _unknown_key(key: str, source: str) -> UserError:
     if key.replace("-", "_") in _REPLACED:
         return UserError(f"{source}: {_REPLACED[key.replace('-', '_')]}")
-    close = difflib.get_close_matches(key, list(_BY_NAME), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else " (see train_xception.py --help for the keys)"
+    close = closest(key, _BY_NAME)
+    hint = f" (did you mean {close!r}?)" if close else " (see train_xception.py --help for the keys)"
     return UserError(f"{source}: unknown key {key!r}{hint}")
 
 
@@ -301,12 +308,10 @@ def load_yaml(path: str) -> dict:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"{path}: not valid YAML{at}: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
+    if data is not None and not isinstance(data, dict):
         raise UserError(f"{path}: a config must be a mapping of keys to values")
     out = {}
-    for key, value in data.items():
+    for key, value in (data or {}).items():
         name = str(key).replace("-", "_")
         if name not in _BY_NAME:
             raise _unknown_key(str(key), path)
@@ -353,24 +358,29 @@ def _check_combinations(config: RunConfig) -> None:
 
 
 def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
-    """CLI flags for every schema key, plus --config. Unset flags are absent from the parsed namespace."""
-    parser = OneLineParser(prog=prog, description="Train Xception on RecordIO shards (MXNet Gluon).",
-                            argument_default=argparse.SUPPRESS, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of keys from this list; flags override it")
+    """CLI flags for every schema key (in its ``--help`` group) and --config; unset flags are absent from the result."""
+    parser = OneLineParser(prog=prog, usage="%(prog)s [--config FILE] [--FLAG VALUE ...]", allow_abbrev=False,
+                            description="Train Xception on RecordIO shards (MXNet Gluon).",
+                            argument_default=argparse.SUPPRESS)
+    parser.add_argument("--config", metavar="FILE", help="YAML file of keys from this list; flags override it")
     for name in _REPLACED:  # refused in resolve() with a line saying what replaced them
         parser.add_argument("--" + name.replace("_", "-"), dest=name, help=argparse.SUPPRESS)
+    groups = {title: parser.add_argument_group(title) for title in dict.fromkeys(opt.group for opt in SCHEMA)}
     for opt in SCHEMA:
+        group = groups[opt.group]
         flag = "--" + opt.name.replace("_", "-")
-        default = "" if opt.default is None else f" (default: {_flag_text(opt.default)})"
+        shown = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
+        default = "" if opt.default is None else f" (default: {shown})"
         if opt.kind == "bool":
-            parser.add_argument(flag, dest=opt.name, action="store_const", const=True, help=opt.help + default)
+            group.add_argument(flag, dest=opt.name, action="store_const", const=True, help=opt.help + default)
             if opt.default is True:
-                parser.add_argument("--no-" + opt.name.replace("_", "-"), dest=opt.name, action="store_const",
-                                    const=False, help=f"turn off {opt.name}")
-        elif opt.kind == "optional_int":
-            parser.add_argument(flag, dest=opt.name, nargs="?", const=0, help=opt.help)
+                group.add_argument("--no-" + opt.name.replace("_", "-"), dest=opt.name, action="store_const",
+                                   const=False, help=f"turn off {opt.name}")
         else:
-            parser.add_argument(flag, dest=opt.name, help=opt.help + default, metavar=opt.kind.upper())
+            choices = "{" + ",".join(opt.choices) + "}" if opt.choices else None
+            optional = opt.kind == "optional_int"  # --resume [EPOCH]
+            group.add_argument(flag, dest=opt.name, help=opt.help + default, nargs="?" if optional else None,
+                               const=0 if optional else None, metavar=opt.metavar or choices or opt.kind.upper())
     return parser
 
 
@@ -386,11 +396,5 @@ def config_text(config: RunConfig) -> str:
 
 def dump_yaml(config: RunConfig, path: str) -> None:
     """Write the resolved config (every key) as YAML."""
-    from .fileio import atomic_write_text
-
     atomic_write_text(path, config_text(config))
 
-
-def _flag_text(value: Any) -> str:
-    """A default as the flag takes it: ``127.5,127.5,127.5`` for a tuple."""
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
