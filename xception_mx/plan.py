@@ -30,6 +30,7 @@ from .records import (
     count_records,
     find_shards,
     read_classes,
+    refuse_image_folder,
 )
 from .runfolder import RunFolder, prefixes_in
 
@@ -257,6 +258,7 @@ def _find_shards(config: RunConfig, num_classes: int | None) -> tuple[Shards, Re
             raise UserError(f"no {kind} data: give --data-dir DIR (with {kind}*.rec shards) or --{kind}-rec")
         if not os.path.isdir(config.data_dir):
             raise UserError(f"--data-dir {config.data_dir!r} is not a folder")
+        refuse_image_folder(config.data_dir, "--data-dir")
         return os.path.join(config.data_dir, kind)
 
     shards = Shards(find_shards(spec("train")), find_shards(spec("val")))

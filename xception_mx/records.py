@@ -12,13 +12,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from im2rec_tools.headers import IR_HEADER, PNG_END, PNG_SIGNATURE, image_problem
+from im2rec_tools.listing import is_image_name
 from im2rec_tools.recordfile import HEADER_BYTES, MAGIC
 from im2rec_tools.shards import duplicate_shards, lookup_shards, read_offsets
 
+from .console import command_line, sibling_name
 from .errors import UserError
 
-__all__ = ["find_shards", "as_paths", "check_records", "check_checksums", "count_records", "part_sizes", "EpochPlan",
-           "epoch_plan", "num_train_batches", "check_labels", "read_classes", "derived_seeds"]
+__all__ = ["find_shards", "refuse_image_folder", "as_paths", "check_records", "check_checksums", "count_records",
+           "part_sizes", "EpochPlan", "epoch_plan", "num_train_batches", "check_labels", "read_classes",
+           "derived_seeds"]
 
 
 def find_shards(spec: str) -> list[str]:
@@ -28,11 +31,44 @@ def find_shards(spec: str) -> list[str]:
     UserError if a part matches nothing, a ``.rec`` lacks its ``.idx``, or a numbered set has a hole or mixes two
     packs (a shard missing from ``train-*-of-00008`` would otherwise silently train on 7/8 of the data).
     """
-    lookup = lookup_shards(spec)
+    try:
+        lookup = lookup_shards(spec)
+    except UserError:
+        if os.path.isdir(spec) and _holds_images(spec):  # xception-score --rec my_images
+            raise _image_folder(spec, "") from None
+        raise
     if lookup.problems:
         more = f" (and {len(lookup.problems) - 1} more problems)" if len(lookup.problems) > 1 else ""
         raise UserError(lookup.problems[0] + more)
     return lookup.rec_paths
+
+
+def refuse_image_folder(folder: str, flag: str) -> None:
+    """A folder given as ``flag`` (``--data-dir``) that holds images and no shards: one line that says how to pack
+    them (``im2rec-tools build``)."""
+    if not any(name.endswith(".rec") for name in os.listdir(folder)) and _holds_images(folder):
+        raise _image_folder(folder, flag)
+
+
+def _holds_images(folder: str) -> bool:
+    """Images (``make-list``'s extensions) in ``folder`` or one level below (its class folders)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir() and any(is_image_name(name) for name in os.listdir(entry.path)):
+                return True
+            if is_image_name(entry.name) and entry.is_file():
+                return True
+    return False
+
+
+def _image_folder(folder: str, flag: str) -> UserError:
+    out = os.path.normpath(folder) + "_shards"
+    build = command_line(sibling_name("python -m im2rec_tools"), "build", folder, out, "--val-ratio", "0.1")
+    if flag:
+        return UserError(f"{flag} {folder} holds images, not RecordIO shards: run {build} and train on {out} "
+                         f"({flag} {out})")
+    return UserError(f"{folder} holds images, not RecordIO shards: pack them with {build} (then the shards are "
+                     f"{os.path.join(out, 'train')} and {os.path.join(out, 'val')})")
 
 
 def as_paths(rec_paths: str | Sequence[str]) -> list[str]:
