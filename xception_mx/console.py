@@ -13,7 +13,6 @@ import re
 import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from importlib import metadata
 
 from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, UserError
 
@@ -69,14 +68,12 @@ def did_you_mean(words: Iterable[str], candidates: Iterable[str]) -> str:
 
 
 def version_line(prog: str) -> str:
-    """``PROG VERSION (mxnet VERSION)``: MXNet's version from its installed metadata, so MXNet is not loaded (the
-    trainer chooses MXNet's engine before it loads)."""
+    """``PROG VERSION (mxnet VERSION)``: the MXNet build from its installed metadata (``installed.mxnet_builds``: a
+    GPU build is ``mxnet-cu112``), so MXNet is not loaded (the trainer chooses MXNet's engine before it loads)."""
+    from .installed import mxnet_builds
+
     package = sys.modules[__name__.rpartition(".")[0]]  # xception_mx, loaded before any of its modules
-    try:
-        mxnet = metadata.version("mxnet")
-    except metadata.PackageNotFoundError:
-        mxnet = "not installed"
-    return f"{prog} {package.__version__} (mxnet {mxnet})"
+    return f"{prog} {package.__version__} ({', '.join(mxnet_builds()) or 'mxnet not installed'})"
 
 
 class _Version(argparse.Action):
