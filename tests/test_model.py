@@ -25,6 +25,18 @@ def test_registry_names():
         get_model("xceptio")
 
 
+@pytest.mark.parametrize("name", ["xception", "xception41"])
+def test_pretrained_true_is_one_line_naming_the_converter(name):
+    from xception_mx.errors import UserError
+
+    with pytest.raises(UserError) as caught:
+        get_model(name, pretrained=True)
+    message = str(caught.value)
+    assert "\n" not in message and "ships no pretrained weights" in message
+    assert "xception-convert SRC OUT_PREFIX" in message and "train-xception --pretrained OUT_PREFIX" in message
+    assert get_model(name, pretrained=False, num_classes=3) is not None  # gluoncv-style callers pass it
+
+
 def test_full_variant_matches_paper_parameter_counts():
     # Paper Table 3 / Keras: 22,855,952 trainable, 22,910,480 with BN running statistics.
     net = _init(get_model("xception"))

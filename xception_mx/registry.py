@@ -9,6 +9,7 @@ from __future__ import annotations
 from mxnet.gluon import nn
 
 from .aligned import XceptionAligned, block_table
+from .errors import UserError
 from .model import PAPER_FILTER_LIST, Xception
 
 __all__ = ["MODEL_CONFIGS", "ALIGNED_CONFIGS", "ALIGNED_OVERRIDES", "get_model", "list_models"]
@@ -40,7 +41,13 @@ def list_models() -> list[str]:
 
 
 def get_model(name: str, **overrides) -> nn.HybridBlock:
-    """Build a registered variant; keyword arguments override its config (e.g. ``num_classes=10``)."""
+    """Build a registered variant; keyword arguments override its config (e.g. ``num_classes=10``).
+    ``pretrained=True`` is refused in one line (no weights ship with the package); ``pretrained=False`` is ignored."""
+    if overrides.pop("pretrained", False):
+        raise UserError(f"get_model({name!r}, pretrained=True): xception_mx ships no pretrained weights; convert "
+                        f"timm or Keras weights with `xception-convert SRC OUT_PREFIX`, then build from them with "
+                        f"xception_mx.convert.build_pretrained(OUT_PREFIX) or fine-tune with `train-xception "
+                        f"--pretrained OUT_PREFIX`")
     if name in ALIGNED_CONFIGS:
         unknown = sorted(set(overrides) - ALIGNED_OVERRIDES)
         if unknown:
