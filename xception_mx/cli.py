@@ -19,6 +19,35 @@ __all__ = ["train_main", "score_main"]
 TRAIN_PROG = "train_xception.py"
 
 
+#: What MXNet 1.9.1 prints to stderr when it creates its engine (the first operation) whenever MXNET_ENGINE_TYPE is
+#: set (``src/engine/engine.cc``: an unconditional ``LOG(INFO)``; no variable silences it, MXNET_ENGINE_INFO
+#: included).
+ENGINE_BANNER = "MXNet start using engine:"
+
+
+def import_mxnet_quietly() -> None:
+    """Import MXNet and create its engine with the banner (:data:`ENGINE_BANNER`) taken out of what it writes to
+    stderr (file descriptor 2, from C++) meanwhile; any other line passes through. The trainer logs the engine."""
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            import mxnet
+
+            mxnet.nd.waitall()  # creates the engine, which prints the banner
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+    sys.stderr.write("".join(line for line in lines if ENGINE_BANNER not in line))
+    sys.stderr.flush()
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """``train_xception.py`` / ``train-xception``: plan, set MXNet's engine, import the trainer, train."""
     setup_logging()
@@ -39,6 +68,8 @@ def train_main(argv: list[str] | None = None) -> int:
             from .cpuinfo import enable_amx
 
             run_plan.notes.append(f"bfloat16: {enable_amx(os.environ)}")
+        import_mxnet_quietly()
+        run_plan.notes.append(f"MXNet engine: {os.environ['MXNET_ENGINE_TYPE']} (MXNET_ENGINE_TYPE)")
 
     def train() -> None:
         from .train import Trainer
