@@ -205,3 +205,10 @@ def test_keep_last_prunes_old_epochs_but_never_the_best(tmp_path):
     assert folder.epochs() == [1, 4, 5]
     folder.prune(5, 2, best_epoch=4)  # a newer best: the old one goes
     assert folder.epochs() == [4, 5]
+
+
+def test_a_data_dir_without_images_or_shards_keeps_the_no_shards_line(tmp_path):
+    (tmp_path / "data" / "notes").mkdir(parents=True)
+    (tmp_path / "data" / "notes" / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no shards for prefix"):
+        plan_run(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run")], environ={})

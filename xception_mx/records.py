@@ -50,14 +50,18 @@ def refuse_image_folder(folder: str, flag: str) -> None:
         raise _image_folder(folder, flag)
 
 
-def _holds_images(folder: str) -> bool:
-    """Images (``make-list``'s extensions) in ``folder`` or one level below (its class folders)."""
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            if entry.is_dir() and any(is_image_name(name) for name in os.listdir(entry.path)):
-                return True
-            if is_image_name(entry.name) and entry.is_file():
-                return True
+def _holds_images(folder: str, depth: int = 1) -> bool:
+    """Images (``make-list``'s extensions) in ``folder`` or up to ``depth`` levels below (its class folders); a
+    folder that cannot be read holds none."""
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if is_image_name(entry.name) and entry.is_file():
+                    return True
+                if depth and entry.is_dir() and _holds_images(entry.path, depth - 1):
+                    return True
+    except OSError:
+        pass
     return False
 
 
