@@ -122,23 +122,42 @@ def test_int8_scores_within_half_a_point_of_fp32(digits, tmp_path):
     assert "_sg_mkldnn_conv" in (tmp_path / "int8-symbol.json").read_text()
 
 
-@pytest.mark.parametrize("dynamic", [False, True])
-def test_onnx_matches_mxnet_and_carries_the_protocol(digits, tmp_path, dynamic, capsys):
+@pytest.mark.parametrize("flags, batch", [([], None), (["--dynamic-batch"], None), (["--batch-size", "2"], 2)])
+def test_onnx_matches_mxnet_and_carries_the_protocol(digits, tmp_path, flags, batch, capsys):
+    """A free batch dimension by default (--dynamic-batch: the old spelling, a no-op), a fixed one with --batch-size;
+    onnxruntime runs the free one at batch 1 and 4 and refuses another batch on a fixed one."""
     import onnx
+    import onnxruntime
 
     data, prefix, epoch = digits
     path = tmp_path / "model.onnx"
     assert deploy_main(["onnx", "--model-prefix", str(prefix), "--epoch", str(epoch), "--out", str(path),
-                        *(["--dynamic-batch"] if dynamic else [])]) == 0
+                        *flags]) == 0
     printed = capsys.readouterr().out
     diff = float(re.search(r"max \|logit diff\| against MXNet ([0-9.e+-]+)", printed).group(1))
     assert diff <= 1e-4
+    assert ("batch 2;" if batch else "a free batch dimension, checked at batches 1 and 4;") in printed
     model = onnx.load(str(path))
     meta = {p.key: p.value for p in model.metadata_props}
     assert json.loads(meta["xception_mx.preprocess"])["input_size"] == 72
     assert [i.name for i in model.graph.input] == ["data"]  # the weights are initializers, not inputs
-    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
-    assert (batch.dim_value == 0 and not batch.dim_param) if dynamic else batch.dim_value == 2  # 0: free
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    assert dim.dim_value == batch if batch else (dim.dim_value == 0)  # 0: free
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for size in (1, 4):
+        x = np.random.RandomState(size).uniform(-1, 1, (size, 3, 72, 72)).astype(np.float32)
+        if batch:
+            with pytest.raises(Exception, match="Got invalid dimensions"):
+                session.run(None, {"data": x})
+        else:
+            ours = _mxnet_logits(prefix, epoch, x)
+            np.testing.assert_allclose(session.run(None, {"data": x})[0], ours, atol=1e-4)
+
+
+def _mxnet_logits(prefix, epoch, x):
+    from xception_mx.inference import load_exported
+
+    return load_exported(str(prefix), epoch, [mx.cpu()])(mx.nd.array(x)).asnumpy()
 
 
 def test_softmax_head_binds_in_module_and_gives_scores_top1(digits, tmp_path):

@@ -9,10 +9,13 @@
 - ``softmax-head``: the export with ``SoftmaxOutput(name='softmax')`` appended, for MXNet's Module-API tools
   (``Module.bind`` with ``softmax_label``, MXNet's example ``score.py``).
 
-Each writes its protocol beside its output and nothing under a final name until it is complete.
+Each takes ``--model-prefix`` + ``--epoch best|last|N`` or ``--checkpoint`` (``runfolder.resolve_export``), writes
+its protocol and class names (``classes.txt``; ONNX: metadata) beside its output and nothing under a final name
+until it is complete.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import logging
@@ -23,6 +26,8 @@ import time
 from .console import OneLineParser, command_line, run_command, setup_logging
 from .cpuinfo import cpu_flags
 from .errors import RunFailed, UserError
+from .runfolder import classes_file, classes_target, write_classes
+from .score_cli import add_export_flags, resolve_export_args
 
 __all__ = ["quantize", "quantize_int8", "export_bfloat16", "export_onnx", "add_softmax_head", "main", "ONNX_PIN",
            "ONNX_TOLERANCE"]
@@ -50,16 +55,40 @@ def check_int8_support() -> None:
                         "would not be faster than fp32 here; quantize on a CPU that has them")
 
 
-def _write_export(net, out_prefix: str, pre) -> None:
+def _write_export(net, out_prefix: str, pre, carried: tuple) -> None:
     """``net.export`` into a temporary folder beside ``out_prefix``, then each file renamed into place (epoch 0)."""
     from .checkpoint import export_atomic
 
-    folder = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    _check_out(out_prefix)
     with _writing(out_prefix, "the export"):
         export_atomic(net, out_prefix, 0)
         pre.write(out_prefix)
+        write_classes(*carried)
+
+
+def _class_names(prefix: str, classes: str | None, out: str | None, input_size: int) -> tuple:
+    """(target, names): the classes.txt to write beside ``out`` (``runfolder.classes_target``) and the export's
+    class names (``runfolder.classes_file``; checked against the graph's classes); ``write_classes`` takes both."""
+    import mxnet as mx
+
+    from .records import read_classes
+
+    path = classes_file(prefix, classes)
+    if path is None:
+        return None, None
+    try:
+        _, shapes, _ = mx.sym.load(f"{prefix}-symbol.json").infer_shape(data=(1, 3, input_size, input_size))
+        num_classes = shapes[0][1]
+    except mx.base.MXNetError:  # a graph MXNet cannot infer without running it: the count goes unchecked
+        num_classes = None
+    names = read_classes(path, num_classes)
+    return classes_target(names, out, path) if out else None, names
+
+
+def _check_out(out: str) -> None:
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise UserError(f"--out {out}: folder {folder} does not exist")
 
 
 def _writing(out: str, what: str):
@@ -89,7 +118,7 @@ def quantize(net, calib, num_images: int, calib_mode: str = "naive"):
 
 
 def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, calib_mode: str = "naive",
-                  num_calib_images: int = 512, batch_size: int = 16) -> dict:
+                  num_calib_images: int = 512, batch_size: int = 16, classes: str | None = None) -> dict:
     """Quantize an export to INT8 with calibration batches from our validation iterator; returns a summary. The
     export is quantized at its own (the paper's) widths: padding measured no faster in INT8 (benchmarks/)."""
     import mxnet as mx
@@ -108,6 +137,7 @@ def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, cali
     net = load_exported(prefix, epoch, [mx.cpu()])
     if getattr(net, "partitioned", False):
         raise UserError(f"{prefix} is already quantized or fused: quantize the fp32 export")
+    carried = _class_names(prefix, classes, out_prefix, pre.input_size)
     net.hybridize(static_alloc=True)
     batch = min(batch_size, records)
     calib = data.val_iter(shards, batch, shape, crop_pct=pre.crop_pct, mean=pre.mean, std=pre.std,
@@ -119,11 +149,11 @@ def quantize_int8(prefix: str, epoch: int, calib_rec: str, out_prefix: str, cali
     qnet = quantize(net, calib, count, calib_mode)
     log.info("quantized in %.1fs", time.time() - start)
     qnet(mx.nd.zeros((batch, *shape)))  # traces the graph for export
-    _write_export(qnet, out_prefix, pre)
+    _write_export(qnet, out_prefix, pre, carried)
     return {"out": out_prefix, "calib_images": count, "calib_mode": calib_mode}
 
 
-def export_bfloat16(prefix: str, epoch: int, out_prefix: str) -> dict:
+def export_bfloat16(prefix: str, epoch: int, out_prefix: str, classes: str | None = None) -> dict:
     """An fp32 export converted to bfloat16 by ``amp.convert_model`` (weights cast too, input cast inside the graph),
     written as epoch 0 and checked against fp32 on random images; returns a summary."""
     import mxnet as mx
@@ -138,18 +168,18 @@ def export_bfloat16(prefix: str, epoch: int, out_prefix: str) -> dict:
     fp32 = load_exported(prefix, epoch, [mx.cpu()])
     if fp32.partitioned or fp32.bfloat16:
         raise UserError(f"{prefix} is already quantized, fused or bfloat16: convert the fp32 export")
+    carried = _class_names(prefix, classes, out_prefix, pre.input_size)
     symbol, args, aux = mx.model.load_checkpoint(prefix, epoch)
     symbol, args, aux = amp.convert_model(symbol, args, aux, target_dtype="bfloat16", cast_optional_params=True)
     # it takes fp32 images as the fp32 export does (convert_model leaves the input's cast to the caller)
     symbol = symbol(data=mx.sym.amp_cast(mx.sym.var("data"), dtype=amp.amp.bfloat16))
-    folder = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    _check_out(out_prefix)
     with _writing(out_prefix, "the bfloat16 export"), \
             atomic_paths(f"{out_prefix}-0000.params", f"{out_prefix}-symbol.json") as (params_tmp, symbol_tmp):
         mx.nd.save(params_tmp, {**{f"arg:{k}": v for k, v in args.items()}, **{f"aux:{k}": v for k, v in aux.items()}})
         symbol.save(symbol_tmp, remove_amp_cast=False)  # by default save() strips every amp_cast
         pre.write(out_prefix)
+        write_classes(*carried)
     images = mx.nd.random.normal(shape=(4, 3, pre.input_size, pre.input_size))
     bf16 = load_exported(out_prefix, 0, [mx.cpu()], channel_multiple=16)
     want, got = fp32(images), bf16(images).astype("float32")
@@ -174,9 +204,11 @@ def _import_onnx():
     return onnx, onnxruntime
 
 
-def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = False, batch_size: int = 2) -> dict:
-    """The export as ONNX (opset of MXNet's exporter), its protocol in the model's metadata, checked by onnxruntime
-    against MXNet on random inputs: RunFailed when the max |logit diff| exceeds ONNX_TOLERANCE."""
+def export_onnx(prefix: str, epoch: int, out_path: str, batch_size: int | None = None,
+                classes: str | None = None) -> dict:
+    """The export as ONNX (opset of MXNet's exporter) with a free batch dimension (``batch_size``: a fixed one), its
+    protocol (and class names, when known) in the model's metadata, checked by onnxruntime against MXNet on random
+    inputs of two batch sizes (the fixed one alone): RunFailed when the max |logit diff| exceeds ONNX_TOLERANCE."""
     import mxnet as mx
     import numpy as np
 
@@ -185,45 +217,58 @@ def export_onnx(prefix: str, epoch: int, out_path: str, dynamic_batch: bool = Fa
     from .score import export_protocol
 
     onnx, ort = _import_onnx()
-    folder = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out_path}: folder {folder} does not exist")
+    _check_out(out_path)
+    if batch_size is not None and batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size} (leave it out for a free batch)")
     pre = export_protocol(prefix)
     shape = (3, pre.input_size, pre.input_size)
     net = load_exported(prefix, epoch, [mx.cpu()])  # checks the files
     if net.bfloat16:
         raise UserError(f"{prefix} is a bfloat16 export, which MXNet's ONNX exporter cannot write: export the fp32 "
                         f"export it was converted from")
+    _, names = _class_names(prefix, classes, None, pre.input_size)
     sym, params = f"{prefix}-symbol.json", f"{prefix}-{epoch:04d}.params"
     log.info("exporting %s-%04d to ONNX, then checking it with onnxruntime...", prefix, epoch)
     with _writing(out_path, "the ONNX model"), atomic_path(out_path) as tmp:
-        kwargs = {"dynamic": True, "dynamic_input_shapes": [(None, *shape)]} if dynamic_batch else {}
-        mx.onnx.export_model(sym, params, [(batch_size, *shape)], np.float32, tmp, **kwargs)
+        kwargs = {} if batch_size else {"dynamic": True, "dynamic_input_shapes": [(None, *shape)]}
+        mx.onnx.export_model(sym, params, [(batch_size or 1, *shape)], np.float32, tmp, **kwargs)
         model = onnx.load(tmp)
         weights = {init.name for init in model.graph.initializer}
         inputs = [i for i in model.graph.input if i.name not in weights]  # MXNet lists the weights as inputs too,
         del model.graph.input[:]  # which keeps onnxruntime from folding them
         model.graph.input.extend(inputs)
-        for key, value in (("xception_mx.preprocess", json.dumps(pre.to_dict())), ("xception_mx.source", prefix)):
+        meta = {"xception_mx.preprocess": json.dumps(pre.to_dict()), "xception_mx.source": prefix}
+        if names is not None:
+            meta["xception_mx.classes"] = json.dumps(names)
+        for key, value in meta.items():
             model.metadata_props.add(key=key, value=value)
         onnx.save(model, tmp)
-        diffs = []
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        session = ort.InferenceSession(tmp, options, providers=["CPUExecutionProvider"])
-        for batch in ([batch_size, 1, 3] if dynamic_batch else [batch_size]):
-            x = np.random.RandomState(batch).uniform(-1, 1, (batch, *shape)).astype(np.float32)
-            ours = net(mx.nd.array(x)).asnumpy()
-            theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
-            diffs.append(float(np.abs(ours - theirs).max()))
-        if max(diffs) > ONNX_TOLERANCE:
-            raise RunFailed(f"onnxruntime differs from MXNet by {max(diffs):.2e} (more than {ONNX_TOLERANCE:g}): "
+        diff = _onnx_parity(ort, tmp, net, shape, [batch_size] if batch_size else [1, 4])
+        if diff > ONNX_TOLERANCE:
+            raise RunFailed(f"onnxruntime differs from MXNet by {diff:.2e} (more than {ONNX_TOLERANCE:g}): "
                             f"{out_path} not written")
-    return {"out": out_path, "max_abs_logit_diff": max(diffs), "dynamic_batch": dynamic_batch}
+    return {"out": out_path, "max_abs_logit_diff": diff, "batch_size": batch_size}
+
+
+def _onnx_parity(ort, path: str, net, shape: tuple, batches: list[int]) -> float:
+    """The max |logit diff| between onnxruntime and MXNet on random inputs of each batch size."""
+    import mxnet as mx
+    import numpy as np
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    diffs = []
+    for batch in batches:
+        x = np.random.RandomState(batch).uniform(-1, 1, (batch, *shape)).astype(np.float32)
+        ours = net(mx.nd.array(x)).asnumpy()
+        theirs = session.run(None, {session.get_inputs()[0].name: x})[0]
+        diffs.append(float(np.abs(ours - theirs).max()))
+    return max(diffs)
 
 
 def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 0, check: bool = True,
-                     normalise_inside: bool = False) -> dict:
+                     normalise_inside: bool = False, classes: str | None = None) -> dict:
     """The export with SoftmaxOutput(name='softmax') appended (its label input is ``softmax_label``), as
     ``out_prefix``-symbol.json + ``out_prefix``-``out_epoch``.params. ``normalise_inside``: the graph also subtracts
     the protocol's mean and divides by its std, so it takes 0-255 RGB pixels (what MXNet's example score.py feeds:
@@ -237,13 +282,12 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
 
     if check:
         load_exported(prefix, epoch, [mx.cpu()])  # one line for missing or mismatched files
-    folder = os.path.dirname(os.path.abspath(out_prefix))
-    if not os.path.isdir(folder):
-        raise UserError(f"--out {out_prefix}: folder {folder} does not exist")
+    _check_out(out_prefix)
     sym = mx.sym.load(f"{prefix}-symbol.json")
     if "softmax_label" in sym.list_arguments():
         raise UserError(f"{prefix}-symbol.json already ends in a SoftmaxOutput")
     pre = export_protocol(prefix)
+    carried = _class_names(prefix, classes, out_prefix, pre.input_size)
     params = mx.nd.load(f"{prefix}-{epoch:04d}.params")
     if normalise_inside:
         pixels = mx.sym.var("data")
@@ -259,6 +303,7 @@ def add_softmax_head(prefix: str, epoch: int, out_prefix: str, out_epoch: int = 
             mx.nd.save(tmp, params)
         atomic_write_text(f"{out_prefix}-symbol.json", head.tojson(remove_amp_cast=False))
         pre.write(out_prefix)
+        write_classes(*carried)
     features = f"{FEATURES_NAME}_output" in sym.get_internals().list_outputs()
     return {"out": out_prefix, "features_layer": f"{FEATURES_NAME}_output" if features else None}
 
@@ -287,7 +332,8 @@ def _parser() -> OneLineParser:
     p = commands.add_parser("onnx", help="export to ONNX and check it with onnxruntime")
     _common(p)
     p.add_argument("--out", required=True, help="the .onnx file")
-    p.add_argument("--dynamic-batch", action="store_true", help="a free batch dimension")
+    p.add_argument("--batch-size", type=int, help="a fixed batch dimension (default: a free one)")
+    p.add_argument("--dynamic-batch", action="store_true", help=argparse.SUPPRESS)  # the default now: a no-op
     p.set_defaults(func=_run_onnx)
     p = commands.add_parser("softmax-head", help="append SoftmaxOutput for MXNet's Module-API tools")
     _common(p)
@@ -299,15 +345,17 @@ def _parser() -> OneLineParser:
 
 
 def _common(p) -> None:
-    p.add_argument("--model-prefix", required=True, help="PREFIX of PREFIX-symbol.json / PREFIX-NNNN.params")
-    p.add_argument("--epoch", type=int, required=True, help="NNNN of PREFIX-NNNN.params")
+    add_export_flags(p)
+    p.add_argument("--classes", help="class names (classes.txt) to carry to the output (default: the classes.txt "
+                                     "beside the export)")
 
 
 def _run_int8(args) -> int:
+    resolve_export_args(args)
     if args.num_calib_images < 1 or args.batch_size < 1:
         raise UserError("--num-calib-images and --batch-size must be at least 1")
     result = quantize_int8(args.model_prefix, args.epoch, args.calib_rec, args.out, args.calib_mode,
-                           args.num_calib_images, args.batch_size)
+                           args.num_calib_images, args.batch_size, args.classes)
     print(f"INT8 export: {args.out}-symbol.json, {args.out}-0000.params ({result['calib_images']} "
           f"calibration images, {args.calib_mode}); score it with: "
           f"{command_line('score.py', '--model-prefix', args.out, '--epoch', 0)} --rec VAL_SHARDS")
@@ -315,7 +363,8 @@ def _run_int8(args) -> int:
 
 
 def _run_bfloat16(args) -> int:
-    result = export_bfloat16(args.model_prefix, args.epoch, args.out)
+    resolve_export_args(args)
+    result = export_bfloat16(args.model_prefix, args.epoch, args.out, args.classes)
     print(f"bfloat16 export: {args.out}-symbol.json, {args.out}-0000.params (on {result['images']} random images: "
           f"max |logit diff| against fp32 {result['max_abs_logit_diff']:.2e}, same top-1 {result['same_top1']}/"
           f"{result['images']}); score it with: "
@@ -324,14 +373,17 @@ def _run_bfloat16(args) -> int:
 
 
 def _run_onnx(args) -> int:
-    result = export_onnx(args.model_prefix, args.epoch, args.out, args.dynamic_batch)
-    print(f"ONNX: {args.out} (max |logit diff| against MXNet {result['max_abs_logit_diff']:.2e}"
-          f"{', dynamic batch' if args.dynamic_batch else ''})")
+    resolve_export_args(args)
+    result = export_onnx(args.model_prefix, args.epoch, args.out, args.batch_size, args.classes)
+    batch = f"batch {args.batch_size}" if args.batch_size else "a free batch dimension, checked at batches 1 and 4"
+    print(f"ONNX: {args.out} ({batch}; max |logit diff| against MXNet {result['max_abs_logit_diff']:.2e})")
     return 0
 
 
 def _run_softmax_head(args) -> int:
-    result = add_softmax_head(args.model_prefix, args.epoch, args.out, normalise_inside=args.normalise_inside)
+    resolve_export_args(args)
+    result = add_softmax_head(args.model_prefix, args.epoch, args.out, normalise_inside=args.normalise_inside,
+                              classes=args.classes)
     print(f"export with SoftmaxOutput 'softmax': {args.out}-symbol.json, {args.out}-0000.params; pooled "
           f"features: {result['features_layer'] or 'not named in this export'}")
     return 0

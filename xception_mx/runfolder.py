@@ -6,7 +6,11 @@ without it the checkpoint is incomplete and ignored). A mid-epoch checkpoint (a 
 ``P-partial.state.json`` naming its own state file ``P-partial.<token>.state.params``, so a manifest is never paired
 with another checkpoint's arrays; every manifest records its state file's size and CRC-32. Beside them:
 ``config.yaml`` (a human-readable copy of the manifest's config), ``P-preprocess.json``, ``metrics.jsonl``,
-``best.json``, ``curves.png``, ``train.log``, ``.lock`` (held by the trainer). Imports no MXNet.
+``best.json``, ``curves.png``, ``classes.txt`` (the training data's class names, when it has them), ``train.log``,
+``.lock`` (held by the trainer). Imports no MXNet.
+
+:func:`resolve_export` is the one place that turns ``--checkpoint`` or ``--model-prefix`` + ``--epoch best|last|N``
+into the export a command loads.
 """
 from __future__ import annotations
 
@@ -24,8 +28,15 @@ from .errors import UserError
 from .fileio import atomic_write_text
 from .manifest import Manifest
 from .metrics import read_jsonl
+from .records import read_classes
 
-__all__ = ["RunFolder", "RunLock", "CheckpointFiles", "numbered_files", "prefixes_in"]
+__all__ = ["RunFolder", "RunLock", "CheckpointFiles", "numbered_files", "prefixes_in", "beside", "resolve_export",
+           "classes_file", "classes_target", "write_classes", "CLASSES_FILE", "BEST_FILE"]
+
+#: The class names (``label<TAB>name`` lines, ``im2rec-tools make-list``) beside the shards, and in a run folder.
+CLASSES_FILE = "classes.txt"
+#: The best epoch's figures (``manifest.EpochRecord``), rewritten at every epoch's end.
+BEST_FILE = "best.json"
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,90 @@ def prefixes_in(folder: str) -> list[str]:
     return sorted(names)
 
 
+def beside(prefix: str, name: str) -> str:
+    """The file ``name`` in the folder of the files ``prefix`` names."""
+    return os.path.join(os.path.dirname(os.path.abspath(prefix)), name)
+
+
+def classes_file(prefix: str, classes: str | None) -> str | None:
+    """The class names of the export ``prefix``: ``classes`` (``--classes``) when given, else the classes.txt beside
+    it when there is one (the trainer copies the training data's into its run folder)."""
+    path = classes or beside(prefix, CLASSES_FILE)
+    return path if classes or os.path.isfile(path) else None
+
+
+def classes_target(names: list[str], out: str, source: str) -> str | None:
+    """Where ``names`` (read from ``source``) go beside the output ``out``: None when the classes.txt there already
+    names them; one naming other classes is one line (it is left alone)."""
+    target = beside(out, CLASSES_FILE)
+    if not os.path.exists(target):
+        return target
+    if read_classes(target) != names:
+        raise UserError(f"{target} names other classes than {source}: write into another folder")
+    return None
+
+
+def write_classes(path: str | None, names: list[str] | None) -> None:
+    """A classes.txt (``label<TAB>name`` lines, as ``im2rec-tools make-list`` writes), atomically; nothing when
+    ``path`` (``classes_target``'s answer) or ``names`` is None."""
+    if path and names:
+        atomic_write_text(path, "".join(f"{label}\t{name}\n" for label, name in enumerate(names)))
+
+
+_EXPORT_PARAMS = re.compile(r"^(.+)-(\d{4,})\.params$")
+
+
+def resolve_export(prefix: str | None, epoch: str | None, checkpoint: str | None) -> tuple[str, int]:
+    """(PREFIX, epoch) of the export a command loads: ``checkpoint`` (a ``PREFIX-NNNN.params`` path), else ``prefix``
+    at ``epoch``: ``best`` (the run folder's ``best.json``), ``last`` (the highest ``PREFIX-NNNN.params`` present)
+    or a number. Bad or missing input is one line saying what to give instead."""
+    if checkpoint:
+        if prefix or epoch is not None:
+            raise UserError("give either --checkpoint PREFIX-NNNN.params or --model-prefix with --epoch, not both")
+        return _split_checkpoint(checkpoint)
+    if not prefix:
+        raise UserError("give --model-prefix PREFIX with --epoch best|last|N, or --checkpoint PREFIX-NNNN.params")
+    if epoch is None:
+        raise UserError(f"--model-prefix {prefix} needs --epoch: best, last or a number")
+    if epoch == "best":
+        return prefix, _best_epoch(prefix)
+    if epoch == "last":
+        epochs = numbered_files(prefix, ".params")
+        if not epochs:
+            raise UserError(f"--epoch last: no {prefix}-NNNN.params exists: check --model-prefix (the files' name "
+                            f"without -NNNN.params) or train first")
+        return prefix, epochs[-1]
+    if not epoch.isdigit():
+        raise UserError(f"--epoch must be best, last or a number, got {epoch!r}")
+    return prefix, int(epoch)
+
+
+def _split_checkpoint(path: str) -> tuple[str, int]:
+    match = _EXPORT_PARAMS.match(path)
+    if path.endswith(".state.params") or not match:
+        raise UserError(f"--checkpoint {path}: give an export's PREFIX-NNNN.params (what the trainer and "
+                        f"xception-deploy write beside PREFIX-symbol.json), not a state file")
+    if not os.path.isfile(path):
+        raise UserError(f"--checkpoint {path} does not exist")
+    return match.group(1), int(match.group(2))
+
+
+def _best_epoch(prefix: str) -> int:
+    """The epoch ``best.json`` beside ``prefix`` names (the trainer writes it at every epoch's end)."""
+    path = beside(prefix, BEST_FILE)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            epoch = json.load(fh).get("epoch")
+    except FileNotFoundError:
+        raise UserError(f"--epoch best: no best.json in {os.path.dirname(path)} (the trainer writes it in its run "
+                        f"folder): give --epoch last or a number") from None
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"--epoch best: {path} is unreadable ({exc}): give --epoch last or a number") from None
+    if not isinstance(epoch, int):
+        raise UserError(f"--epoch best: {path} names no epoch yet: give --epoch last or a number")
+    return epoch
+
+
 class RunFolder:
     """The files of one run (``folder``) whose checkpoints are named ``prefix``."""
 
@@ -71,7 +166,8 @@ class RunFolder:
 
     config_yaml = property(lambda self: self.path("config.yaml"))
     metrics = property(lambda self: self.path("metrics.jsonl"))
-    best = property(lambda self: self.path("best.json"))
+    best = property(lambda self: self.path(BEST_FILE))
+    classes = property(lambda self: self.path(CLASSES_FILE))
     curves = property(lambda self: self.path("curves.png"))
 
     def files(self, epoch: int | None, token: str | None = None) -> CheckpointFiles:
@@ -163,7 +259,7 @@ class RunFolder:
             for path in (f.manifest, *states, f.export):  # the manifest first, as in remove()
                 if os.path.exists(path):
                     os.replace(path, os.path.join(dest, os.path.basename(path)))
-        for shared in (self.files(None).symbol, self.config_yaml):  # the branch stays a loadable run folder
+        for shared in (self.files(None).symbol, self.config_yaml, self.classes):  # a loadable run folder
             if os.path.isfile(shared):
                 shutil.copy2(shared, dest)
         if moved_records:

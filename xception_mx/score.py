@@ -25,8 +25,9 @@ from .fileio import atomic_write_text, write_errors
 from .inference import Speedups, ready
 from .protocol import Preprocess
 from .records import check_checksums, check_duplicates, read_classes
+from .runfolder import classes_file
 
-__all__ = ["score", "benchmark", "predict", "export_protocol", "write_confusion_csv"]
+__all__ = ["score", "benchmark", "predict", "export_protocol", "class_names", "write_confusion_csv"]
 
 log = logging.getLogger("xception_mx.score")
 
@@ -46,6 +47,12 @@ def export_protocol(prefix: str) -> Preprocess:
     return Preprocess()
 
 
+def class_names(prefix: str, classes: str | None, num_classes: int) -> list[str]:
+    """Class names in label order (``runfolder.classes_file``), else the label numbers. A file naming another number
+    of classes than the model's ``num_classes`` is one line."""
+    return read_classes(classes_file(prefix, classes), num_classes)
+
+
 def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: int,
           data_shape: tuple[int, int, int], pre: Preprocess, per_class: bool = False,
           classes: str | None = None, preprocess_threads: int = 4, progress: bool = True,
@@ -60,6 +67,7 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
                  len(shards))
     loaded = ready(prefix, epoch, ctx, data_shape, speedups)
     net, num_classes = loaded.net, loaded.num_classes
+    names = class_names(prefix, classes, num_classes)
     if scan.max_label >= num_classes:
         raise UserError(f"{scan.max_label_at} has label {scan.max_label}, outside 0..{num_classes - 1} (the model's "
                         f"classes): score it on the data it was trained for")
@@ -94,7 +102,6 @@ def score(prefix: str, epoch: int, rec: str, ctx: list[mx.Context], batch_size: 
         **loaded.describe(),
     }
     if per_class:
-        names = read_classes(classes, num_classes)
         support = confusion.sum(axis=1)
         result["per_class"] = [{"class": i, "name": names[i], "images": int(support[i]),
                                 "top1": float(confusion[i, i] / support[i]) if support[i] else None}
@@ -160,7 +167,7 @@ def predict(prefix: str, epoch: int, images: list[str], ctx: mx.Context, data_sh
     """Each image's top-k classes with softmax probabilities, under the validation protocol."""
     loaded = ready(prefix, epoch, [ctx], data_shape, speedups)
     net, num_classes = loaded.net, loaded.num_classes
-    names = read_classes(classes, num_classes)
+    names = class_names(prefix, classes, num_classes)
     results = []
     for path in images:
         x = _load_image(path, data_shape, pre).as_in_context(ctx)

@@ -8,6 +8,7 @@ printed. Imports no MXNet until a command runs.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 from .console import OneLineParser, run_command, setup_logging
 from .errors import UserError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "add_export_flags", "resolve_export_args"]
+
+log = logging.getLogger("xception_mx.score")
 
 #: The repository script; ``xception-score`` when run as the installed script (``console.program_name``).
 PROG = "score.py"
@@ -60,9 +63,29 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+def add_export_flags(p) -> None:
+    """Which export a command loads: ``--model-prefix`` with ``--epoch``, or ``--checkpoint`` (see
+    :func:`resolve_export_args`)."""
+    p.add_argument("--model-prefix", help="PREFIX of PREFIX-symbol.json / PREFIX-NNNN.params (with --epoch)")
+    p.add_argument("--epoch", help="best (the run folder's best.json), last (the highest PREFIX-NNNN.params) or "
+                                   "NNNN")
+    p.add_argument("--checkpoint", help="an export's PREFIX-NNNN.params, instead of --model-prefix and --epoch")
+
+
+def resolve_export_args(args) -> None:
+    """``args.model_prefix`` and ``args.epoch`` (an int) set to the export the flags name
+    (``runfolder.resolve_export``); logged when it was not given as a number."""
+    from .runfolder import resolve_export
+
+    given = args.epoch
+    args.model_prefix, args.epoch = resolve_export(args.model_prefix, given, args.checkpoint)
+    if not (given or "").isdigit():
+        log.info("export %s-%04d.params (%s)", args.model_prefix, args.epoch,
+                 f"--epoch {given}" if given else "--checkpoint")
+
+
 def _export_flags(p) -> None:
-    p.add_argument("--model-prefix", required=True, help="PREFIX of PREFIX-symbol.json / PREFIX-NNNN.params")
-    p.add_argument("--epoch", type=int, required=True, help="NNNN of PREFIX-NNNN.params")
+    add_export_flags(p)
     p.add_argument("--gpus", default="", help="GPU ids, e.g. 0,1; empty = CPU")
     p.add_argument("--data-shape", help="C,H,W (default: the export's protocol, PREFIX-preprocess.json, "
                                         "else 3,299,299)")
@@ -95,7 +118,8 @@ def _protocol_flags(p) -> None:
                    help="resize interpolation (default: the export's protocol, else bilinear)")
     p.add_argument("--mean", help="R,G,B mean on the 0-255 scale (default: the export's protocol, else 127.5)")
     p.add_argument("--std", help="R,G,B std on the 0-255 scale (default: the export's protocol, else 127.5)")
-    p.add_argument("--classes", help="classes.txt from `im2rec-tools make-list` for class names")
+    p.add_argument("--classes", help="classes.txt from `im2rec-tools make-list` for class names (default: the "
+                                     "classes.txt beside the export, which the trainer copies into its run folder)")
 
 
 def _data_shape(text: str | None, saved) -> tuple[int, int, int]:
@@ -169,9 +193,9 @@ def _write_json(path: str | None, obj) -> None:
 
 def _run_score(args) -> int:
     from .evaluate import make_contexts
-    from .records import read_classes
     from .score import score, write_confusion_csv
 
+    resolve_export_args(args)
     shape, pre, gpus = _protocol(args)
     batch_size = _batch_sizes(args.batch_size, several=False)[0]
     ctx = make_contexts(gpus, args.cpus)
@@ -188,7 +212,7 @@ def _run_score(args) -> int:
     if args.per_class:
         confusion = result.pop("confusion")
         csv_path = args.confusion_csv or f"{args.model_prefix}-{args.epoch:04d}-confusion.csv"
-        write_confusion_csv(csv_path, confusion, read_classes(args.classes, result["num_classes"]))
+        write_confusion_csv(csv_path, confusion, [row["name"] for row in result["per_class"]])
         for row in result["per_class"]:
             acc = "n/a" if row["top1"] is None else f"{row['top1']:.4f}"
             print(f"  class {row['class']:>4} {row['name']:<24} images {row['images']:>6}  top-1 {acc}")
@@ -202,6 +226,7 @@ def _run_predict(args) -> int:
     from .evaluate import make_contexts
     from .score import predict
 
+    resolve_export_args(args)
     shape, pre, gpus = _protocol(args)
     if args.top_k < 1:
         raise UserError(f"--top-k must be at least 1, got {args.top_k}")
@@ -218,6 +243,7 @@ def _run_benchmark(args) -> int:
     from .evaluate import make_contexts
     from .score import benchmark, export_protocol
 
+    resolve_export_args(args)
     shape = _data_shape(args.data_shape, export_protocol(args.model_prefix))
     gpus = parse_device_list(args.gpus)
     batch_sizes = _batch_sizes(args.batch_size, several=True)

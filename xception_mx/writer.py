@@ -5,8 +5,8 @@ The order, which is what makes a crash at any point cost at most the step or epo
 1. ``claim()``: the folder's lock, held for the whole run.
 2. ``start()``: a fresh run refuses another run's folder; temporary files a killed run left go; a retrain moves the
    branch it leaves into ``before-retrain-from-EEEE-<time>/``; then ``config.yaml``, the protocol
-   (``PREFIX-preprocess.json``), ``metrics.jsonl`` cut back to the resumed epoch (and the resumed epoch's line
-   restored from its manifest when a crash lost it), TensorBoard.
+   (``PREFIX-preprocess.json``), ``classes.txt`` (the training data's), ``metrics.jsonl`` cut back to the resumed
+   epoch (and the resumed epoch's line restored from its manifest when a crash lost it), TensorBoard.
 3. ``scalars()``: TensorBoard scalars at the log interval.
 4. ``save_recovery()``/``save_stopped()``: a mid-epoch checkpoint (every ``--checkpoint-interval`` minutes, or a
    signal's).
@@ -38,6 +38,8 @@ from .metrics import plot_curves, read_jsonl, truncate_jsonl
 from .padding import canonical_export
 from .plan import RunPlan
 from .protocol import Preprocess
+from .records import read_classes
+from .runfolder import CLASSES_FILE, write_classes
 
 __all__ = ["TrainState", "NullWriter", "RunWriter", "make_writer"]
 
@@ -131,11 +133,26 @@ class RunWriter(NullWriter):
         with disk_errors(folder, "the run's config"):
             dump_yaml(config, folder.config_yaml)
             Preprocess.from_config(config).write(folder.model_prefix)
+            self._keep_classes()
             truncate_jsonl(folder.metrics, epoch)
             self._restore_lost_metrics_line(epoch)
         if config.tensorboard:
             self.board = Board(config.tensorboard, config_text(config), then=self._next_step,
                                resumed_at=resumed_updates if self.plan.resume is not None else None)
+
+    def _keep_classes(self) -> None:
+        """The training data's classes.txt (beside the training shards, where ``plan`` finds it) copied into the
+        folder, for ``xception-score`` and ``xception-deploy``; a resumed run keeps the copy it has."""
+        folder, shards = self.folder, self.plan.shards.train
+        source = os.path.join(os.path.dirname(shards[0]), CLASSES_FILE) if shards else None
+        if not source or not os.path.isfile(source) or (self.plan.resume and os.path.isfile(folder.classes)):
+            return
+        names = read_classes(source)
+        if len(names) != self.config.num_classes:
+            log.info("%s names %d classes and the run trains %d: not copied into the run folder", source,
+                     len(names), self.config.num_classes)
+            return
+        write_classes(folder.classes, names)
 
     def _next_step(self) -> str:
         return f"free space, then {self.folder.resume_hint()}"
