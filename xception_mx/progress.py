@@ -10,9 +10,17 @@ from collections.abc import Iterable, Iterator
 
 from .metrics import Accumulator
 
-__all__ = ["Progress", "StopFlag"]
+__all__ = ["Progress", "StopFlag", "lr_range"]
 
 log = logging.getLogger("xception_mx.train")
+
+
+def lr_range(first: float | None, last: float | None) -> str:
+    """An epoch's learning rate for its log line: ``0.05->0.002437`` from its first step to its last, one value when
+    they agree."""
+    if first is None or last is None or f"{first:.4g}" == f"{last:.4g}":
+        return "n/a" if first is None and last is None else f"{first if first is not None else last:.4g}"
+    return f"{first:.4g}->{last:.4g}"
 
 
 class Progress:

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from mxnet import gluon
@@ -34,7 +34,7 @@ from .optim_state import optimizer_state_arrays, restore_optimizer_state
 from .padding import ChannelLayout
 from .plan import ResumePoint, RunPlan, wants_serial_engine
 from .precision import Precision
-from .progress import Progress, StopFlag
+from .progress import Progress, StopFlag, lr_range
 from .records import derived_seeds
 from .step import TrainStep, mix_batch, seed_everything
 from .weights import load_named, named_params
@@ -49,6 +49,7 @@ log = logging.getLogger("xception_mx.train")
 class EpochResult:
     record: EpochRecord | None = None  # the epoch's training figures (complete epochs)
     in_progress: InProgress | None = None  # where a signal stopped it: batches done, running figures
+    lr_steps: list[tuple[int, float]] = field(default_factory=list)  # (update, lr) at the log interval
 
     @property
     def interrupted(self) -> bool:
@@ -194,8 +195,7 @@ class Trainer:
                     self.in_progress = result.in_progress
                     self.writer.save_stopped(self.state())
                     raise Interrupted(self._stopped(stop, epoch, result.in_progress.batches_done))
-                assert result.record is not None
-                record = self._finish_epoch(epoch, result.record)
+                record = self._finish_epoch(epoch, result)
                 if self.cluster.vote(stop)[0]:
                     raise Interrupted(self._stopped(stop, epoch, None))
         if self.cluster.distributed:
@@ -242,18 +242,20 @@ class Trainer:
         """The EMA weights swapped in for validation and the export, when EMA is on."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
-    def _finish_epoch(self, epoch: int, record: EpochRecord) -> EpochRecord:
+    def _finish_epoch(self, epoch: int, result: EpochResult) -> EpochRecord:
         """Validate and export (with the EMA weights when on), then the checkpoint and figures (the writer's)."""
+        assert result.record is not None
         with self._evaluation_weights():
-            record = dataclasses.replace(record, **self.validate(), rss_mib=resident_mib())
+            record = dataclasses.replace(result.record, **self.validate(), rss_mib=resident_mib())
             self.writer.export(epoch, self.net)
         self.epoch, self.in_progress = epoch, None
         if self.best is None or (record.val_top1 or 0) > (self.best.val_top1 or 0):
             self.best = record
-        self.writer.save_epoch(self.state(), record)
+        self.writer.save_epoch(self.state(), record, result.lr_steps)
         log.info("epoch %d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f | %.1f img/s, %.1fs, "
-                 "lr %.4g", epoch, record.train_loss, record.train_top1, record.val_loss, record.val_top1,
-                 record.val_top5, record.samples_per_sec, record.time_s, record.lr)
+                 "lr %s", epoch, record.train_loss, record.train_top1, record.val_loss, record.val_top1,
+                 record.val_top5, record.samples_per_sec, record.time_s,
+                 lr_range(record.lr, result.lr_steps[-1][1] if result.lr_steps else None))
         return record
 
     def _stopped(self, stop: StopFlag, epoch: int, batches_done: int | None) -> str:
@@ -298,14 +300,17 @@ class Trainer:
                     return EpochResult(in_progress=in_progress)
                 self._save_recovery(in_progress)
                 last_save = time.time()
-        return EpochResult(record=self._epoch_record(run))
+        return EpochResult(record=self._epoch_record(run), lr_steps=run.lr_steps)
 
     def _report(self, run: _EpochRun) -> None:
         """The progress line; at the log interval also the figures read back from the devices, and TensorBoard."""
         lr = self.trainer.learning_rate
         if run.done % self.config.log_interval and run.done != self.batches_per_epoch:
+            if not run.lr_steps:  # the schedule's curve starts at the epoch's first step
+                run.lr_steps.append((self.updates, lr))
             run.progress.update(lr)
             return
+        run.lr_steps.append((self.updates, lr))
         self._sync(run)
         norm = None if self.grad_norm is None else float(self.grad_norm.asnumpy()[0])
         run.progress.update(lr, run.acc, norm)
@@ -372,6 +377,7 @@ class _EpochRun:
         self.skip = self.done = self.synced = resumed.batches_done if resumed else 0
         self.acc = Accumulator.from_dict(resumed.acc) if resumed and rank == 0 else Accumulator()
         self.first_lr = resumed.first_lr if resumed else None
+        self.lr_steps: list[tuple[int, float]] = []  # (update, lr) at the first step and the log interval
         self._before, self._start = (resumed.elapsed if resumed else 0.0), time.time()
 
     def batch_done(self, done: int, lr: float) -> None:

@@ -12,7 +12,8 @@ The order, which is what makes a crash at any point cost at most the step or epo
    signal's).
 5. At an epoch's end: ``export()`` (with the evaluation weights: EMA when on; and the SoftmaxOutput head), then
    ``save_epoch()``: state arrays, manifest (so the checkpoint is complete), then the epoch's ``metrics.jsonl``
-   line, the now stale mid-epoch checkpoint removed, pruning, ``best.json``, ``curves.png``.
+   line (with the lr at each log interval), the now stale mid-epoch checkpoint removed, pruning, ``best.json``,
+   ``curves.png``.
 
 A metrics line therefore exists only for an epoch whose checkpoint is complete. Failed writes (disk full) are one
 line naming the folder and its free space (``checkpoint.disk_errors``).
@@ -83,7 +84,7 @@ class NullWriter:
     def export(self, epoch: int, net: gluon.HybridBlock) -> None:
         pass
 
-    def save_epoch(self, state: TrainState, record: EpochRecord) -> None:
+    def save_epoch(self, state: TrainState, record: EpochRecord, lr_steps: list | None = None) -> None:
         pass
 
 
@@ -192,13 +193,17 @@ class RunWriter(NullWriter):
                 prefix = self.folder.model_prefix
                 add_softmax_head(prefix, epoch, f"{prefix}-softmax", epoch, check=False)
 
-    def save_epoch(self, state: TrainState, record: EpochRecord) -> None:
-        """After :meth:`export`: the state and manifest, then the metrics line and what follows from it."""
+    def save_epoch(self, state: TrainState, record: EpochRecord, lr_steps: list | None = None) -> None:
+        """After :meth:`export`: the state and manifest, then the metrics line (with ``lr_steps``, the (update, lr)
+        pairs of the log interval: ``lr_last`` and ``lr_steps``) and what follows from it."""
         folder, epoch = self.folder, record.epoch
         self.board.scalars(_updates(state), {f"epoch/{k}": v for k, v in record.to_dict().items()})
         self._save_state(epoch, state, record)
+        line = record.to_dict()
+        if lr_steps:
+            line.update(lr_last=lr_steps[-1][1], lr_steps=[list(step) for step in lr_steps])
         with disk_errors(folder, f"the metrics of epoch {epoch}"):
-            append_synced(folder.metrics, json.dumps(record.to_dict()) + "\n")
+            append_synced(folder.metrics, json.dumps(line) + "\n")
         folder.remove(None)  # a mid-epoch checkpoint is now stale
         best = state.progress.best
         folder.prune(epoch, self.config.keep_last, best.epoch if best else None)
