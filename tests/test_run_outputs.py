@@ -72,7 +72,7 @@ def test_the_loss_axis_leaves_out_an_early_outlier_and_notes_it():
 
 
 def test_the_loss_axis_keeps_a_long_normal_descent_and_notes_infinite_losses():
-    descent = [("epoch-%d train loss" % e, 2.3 * 0.6 ** e) for e in range(10)]  # 2.3 .. 0.023: 100x, no outlier
+    descent = [(f"epoch-{e} train loss", 2.3 * 0.6 ** e) for e in range(10)]  # 2.3 .. 0.023: 100x, no outlier
     (low, high), notes = loss_axis(descent)
     assert notes == [] and low < 0.023 and high > 2.3
     limits, notes = loss_axis([("epoch-1 val loss", math.inf), ("epoch-1 train loss", 2.0)])

@@ -195,7 +195,8 @@ class Trainer:
                     self.in_progress = result.in_progress
                     self.writer.save_stopped(self.state())
                     raise Interrupted(self._stopped(stop, epoch, result.in_progress.batches_done))
-                record = self._finish_epoch(epoch, result)
+                assert result.record is not None
+                record = self._finish_epoch(epoch, result.record, result.lr_steps)
                 if self.cluster.vote(stop)[0]:
                     raise Interrupted(self._stopped(stop, epoch, None))
         if self.cluster.distributed:
@@ -242,20 +243,20 @@ class Trainer:
         """The EMA weights swapped in for validation and the export, when EMA is on."""
         return self.ema.applied() if self.ema is not None else contextlib.nullcontext()
 
-    def _finish_epoch(self, epoch: int, result: EpochResult) -> EpochRecord:
-        """Validate and export (with the EMA weights when on), then the checkpoint and figures (the writer's)."""
-        assert result.record is not None
+    def _finish_epoch(self, epoch: int, record: EpochRecord, lr_steps: list | None = None) -> EpochRecord:
+        """Validate and export (with the EMA weights when on), then the checkpoint and figures (the writer's);
+        ``lr_steps``: the epoch's (update, lr) at the log interval."""
         with self._evaluation_weights():
-            record = dataclasses.replace(result.record, **self.validate(), rss_mib=resident_mib())
+            record = dataclasses.replace(record, **self.validate(), rss_mib=resident_mib())
             self.writer.export(epoch, self.net)
         self.epoch, self.in_progress = epoch, None
         if self.best is None or (record.val_top1 or 0) > (self.best.val_top1 or 0):
             self.best = record
-        self.writer.save_epoch(self.state(), record, result.lr_steps)
+        self.writer.save_epoch(self.state(), record, lr_steps)
         log.info("epoch %d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f top-5 %.4f | %.1f img/s, %.1fs, "
                  "lr %s", epoch, record.train_loss, record.train_top1, record.val_loss, record.val_top1,
                  record.val_top5, record.samples_per_sec, record.time_s,
-                 lr_range(record.lr, result.lr_steps[-1][1] if result.lr_steps else None))
+                 lr_range(record.lr, lr_steps[-1][1] if lr_steps else None))
         return record
 
     def _stopped(self, stop: StopFlag, epoch: int, batches_done: int | None) -> str:
