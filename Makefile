@@ -7,7 +7,7 @@ STAMP := $(VENV)/.xception_mx-installed
 # torch + timm + keras for the weight-parity tests: they break `import gluoncv`, so they live in their own venv.
 REF_VENV ?= .venv-ref
 
-.PHONY: venv ref-venv lint test test-fast demo bench clean
+.PHONY: venv ref-venv lint test test-fast demo docs-outputs clean
 
 venv: $(STAMP)
 
@@ -27,6 +27,8 @@ lint: venv
 
 # The whole suite, lint first: a lint failure stops it before the Horovod build and the parity venv.
 test: venv
+	@echo "make test: lint, then Horovod built against MXNet (~4 min, once), the reference venv with torch, timm and"
+	@echo "Keras (~2.5 min and 5.6 GB, once), then every test (~14 min on 2 cores). make test-fast: ~3 min."
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory ref-venv
 	bash scripts/install_horovod.sh $(BIN)/python
@@ -38,6 +40,10 @@ test-fast: lint
 
 demo: venv
 	bash scripts/demo.sh
+
+# The outputs quoted in docs/troubleshooting.md (and, with DEMO=1, README.md's demo output) rerun from the code.
+docs-outputs: venv
+	$(BIN)/python scripts/docs_outputs.py $(if $(DEMO),--demo)
 
 # Keeps runs/ (every shipped config writes its checkpoints there) and demo_data/.
 clean:

@@ -124,3 +124,33 @@ def test_the_project_scripts_are_installed_and_the_top_level_ones_executable():
     for name in ("train_xception.py", "score.py"):
         path = Path(ROOT, name)
         assert os.access(path, os.X_OK) and path.read_text().startswith("#!"), name
+
+
+def python_blocks(path: Path) -> list[tuple[int, str]]:
+    """(line number, code) of every fenced ``python`` block in the file."""
+    blocks, code, start = [], None, 0
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if code is None and line.strip() == "```python":
+            code, start = [], number
+        elif code is not None and line.startswith("```"):
+            blocks.append((start, "\n".join(code)))
+            code = None
+        elif code is not None:
+            code.append(line)
+    return blocks
+
+
+#: Python examples that read files a reader makes first (converted weights): checked by tests/test_convert.py.
+NEEDS_FILES = ("weights/",)
+PYTHON_EXAMPLES = [(f"{p.name}:{n}", code) for p in DOCS for n, code in python_blocks(p)
+                   if not any(marker in code for marker in NEEDS_FILES)]
+
+
+def test_the_python_examples_that_need_no_files_run_as_pasted():
+    import subprocess
+    import sys
+
+    assert len(PYTHON_EXAMPLES) >= 2
+    for where, code in PYTHON_EXAMPLES:
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, f"{where}:\n{code}\n{result.stderr[-2000:]}"

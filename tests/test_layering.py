@@ -1,6 +1,7 @@
 """The import layers (ARCHITECTURE.md, "Layers"), read from the source with ``ast``: nothing is imported.
 
-im2rec_tools takes only xception_mx's base (errors, fileio, console, installed), which imports nothing else of either package;
+im2rec_tools takes only xception_mx's base (errors, fileio, console, installed), which imports nothing else of
+either package;
 the model builders (model.py, aligned.py) sit below the registry; no cycle among the modules' top-level imports.
 """
 import ast

@@ -83,7 +83,7 @@ class RunConfig:
                                          "(overrides data_dir)")
     val_rec: str | None = option(None, "validation shards: a prefix, a glob or a ';'-separated list "
                                        "(overrides data_dir)")
-    num_classes: int = option(1000, "number of classes", check=_positive)
+    num_classes: int = option(1000, "classes (default: the train shards' classes.txt, else labels)", check=_positive)
     input_size: int = option(299, "training and validation crop size in pixels (>= 71)",
         check=lambda v: None if v >= 71 else "must be >= 71 (Xception's smallest input)")
     crop_pct: float = option(0.8975, "validation: resize shorter side to input_size / crop_pct, centre crop",
@@ -370,7 +370,7 @@ def build_parser(prog: str = "train_xception.py") -> argparse.ArgumentParser:
         group = groups[opt.group]
         flag = "--" + opt.name.replace("_", "-")
         shown = ",".join(map(str, opt.default)) if isinstance(opt.default, tuple) else opt.default
-        default = "" if opt.default is None else f" (default: {shown})"
+        default = "" if opt.default is None or "default:" in opt.help else f" (default: {shown})"
         if opt.kind == "bool":
             group.add_argument(flag, dest=opt.name, action="store_const", const=True, help=opt.help + default)
             if opt.default is True:
