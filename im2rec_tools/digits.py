@@ -36,8 +36,11 @@ def parse_digits(text: str) -> list[int]:
 
 
 def _write_images(images_dir: str, digits: Sequence[int], size: int) -> list[tuple[str, str]]:
-    import cv2
     import numpy as np
+
+    from xception_mx.installed import import_cv2
+
+    cv2 = import_cv2()
     from sklearn.datasets import load_digits
 
     if os.path.exists(images_dir) and not os.path.isfile(os.path.join(images_dir, IMAGES_MARKER)):

@@ -7,8 +7,11 @@ images are scaled to 8 bits. Images are never upscaled: with ``--resize S`` only
 """
 from __future__ import annotations
 
-import cv2
 import numpy as np
+
+from xception_mx.installed import import_cv2
+
+cv2 = import_cv2()  # one line naming what to install when OpenCV cannot load (no libGL.so.1)
 
 
 class ImageDecodeError(ValueError):

@@ -54,7 +54,7 @@ def _encode_task(task: tuple[int, str, int, int]) -> tuple[int, bytes | None, st
 
 
 def _worker_init() -> None:
-    import cv2
+    from .images import cv2
 
     cv2.setNumThreads(1)  # parallelism comes from the processes
 

@@ -41,8 +41,11 @@ def _grow(span: tuple[int, int] | None, value: int) -> tuple[int, int]:
 def _image_size(data: bytes, decode: bool) -> tuple[int, int]:
     """(height, width) of encoded image bytes; ValueError with the reason if unusable."""
     if decode:
-        import cv2
         import numpy as np
+
+        from xception_mx.installed import import_cv2
+
+        cv2 = import_cv2()
 
         img, warning = _decode_watching_stderr(lambda: cv2.imdecode(np.frombuffer(data, np.uint8),
                                                                      cv2.IMREAD_UNCHANGED))

@@ -90,3 +90,36 @@ def test_the_wheel_takes_its_metadata_from_pyproject_with_one_opencv_and_mxnet_p
     assert 'mxnet==1.9.1; extra == "cpu"' in requires and 'mxnet-cu112==1.9.1; extra == "gpu"' in requires
     assert [r for r in requires if r.startswith("mxnet")] == ['mxnet==1.9.1; extra == "cpu"',
                                                            'mxnet-cu112==1.9.1; extra == "gpu"']
+
+
+def _run_with(folder, files: dict, *argv: str) -> subprocess.CompletedProcess:
+    """Run a console script in ``folder`` with ``files`` (relative path -> text) there, first on its PYTHONPATH."""
+    for rel, text in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_text(text)
+    env = dict(os.environ, PYTHONPATH=str(folder))
+    script = os.path.join(os.path.dirname(sys.executable), argv[0])
+    return subprocess.run([script, *argv[1:]], cwd=folder, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_commands_say_in_one_line_what_to_install(tmp_path):
+    no_libgl = {"cv2/__init__.py": 'raise ImportError("libGL.so.1: cannot open shared object file")\n'}
+    result = _run_with(tmp_path / "a", no_libgl, "im2rec-tools", "demo-digits", "digits")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "im2rec-tools demo-digits: error: OpenCV (cv2) cannot load: libGL.so.1" in result.stderr
+    assert not list(tmp_path.glob("a/digits/*.rec"))
+    trainer_and_scorer = "import xception_mx.train, xception_mx.evaluate, xception_mx.inference, xception_mx.deploy"
+    loaded = subprocess.run([sys.executable, "-c", trainer_and_scorer], cwd=tmp_path / "a", capture_output=True,
+                            text=True, timeout=120, env=dict(os.environ, PYTHONPATH=str(tmp_path / "a")))
+    assert loaded.returncode == 0, "training and scoring must not need cv2: " + loaded.stderr[-1500:]
+
+    no_mxnet = {"mxnet/__init__.py": 'raise ModuleNotFoundError("No module named \'mxnet\'", name="mxnet")\n'}
+    result = _run_with(tmp_path / "b", no_mxnet, "xception-score", "--model-prefix", "x", "--epoch", "1", "--rec", "y")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "pip install 'xception_mx[cpu]'" in result.stderr
+
+    second_build = {"mxnet_cu112-1.9.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: mxnet-cu112\n"
+                                                           "Version: 1.9.1\n"}
+    result = _run_with(tmp_path / "c", second_build, "train-xception", "--data-dir", "data")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "2 MXNet builds are installed (mxnet 1.9.1, mxnet-cu112 1.9.1)" in result.stderr

@@ -14,7 +14,8 @@ import shlex
 import sys
 from collections.abc import Callable, Iterable, Sequence
 
-from .errors import EXIT_BAD_INPUT, EXIT_INTERRUPTED, Interrupted, UserError
+from .errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_INTERRUPTED, Interrupted, UserError
+from .installed import check_one_mxnet, missing_module_line
 
 __all__ = ["CONSOLE_SCRIPTS", "program_name", "command_line", "sibling_name", "closest", "did_you_mean", "version_line",
            "OneLineParser", "run_command", "run_cli", "setup_logging", "log_to_file"]
@@ -176,7 +177,14 @@ def run_cli(prog: str, body: Callable[[], int | None], interrupted_hint: str = "
     as the user typed it: :func:`program_name`)."""
     prog = program_name(prog)
     try:
+        check_one_mxnet()
         return body() or 0
+    except ImportError as exc:  # MXNet missing or broken: the extra to install
+        line = missing_module_line(exc)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        return EXIT_FAILED
     except Interrupted as exc:
         print(f"{prog}: {exc}", file=sys.stderr)
         return exc.exit_code
