@@ -42,10 +42,10 @@ def import_mxnet_quietly() -> None:
             sys.stderr.flush()
             os.dup2(saved, 2)
             os.close(saved)
-        captured.seek(0)
-        lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
-    sys.stderr.write("".join(line for line in lines if ENGINE_BANNER not in line))
-    sys.stderr.flush()
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", "replace").splitlines(keepends=True)
+            sys.stderr.write("".join(line for line in lines if ENGINE_BANNER not in line))
+            sys.stderr.flush()
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -68,10 +68,11 @@ def train_main(argv: list[str] | None = None) -> int:
             from .cpuinfo import enable_amx
 
             run_plan.notes.append(f"bfloat16: {enable_amx(os.environ)}")
-        import_mxnet_quietly()
         run_plan.notes.append(f"MXNet engine: {os.environ['MXNET_ENGINE_TYPE']} (MXNET_ENGINE_TYPE)")
 
     def train() -> None:
+        if "mxnet" not in sys.modules:
+            import_mxnet_quietly()
         from .train import Trainer
 
         Trainer(run_plan).fit()

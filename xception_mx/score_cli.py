@@ -27,8 +27,8 @@ PROG = "score.py"
 def build_parser() -> OneLineParser:
     parser = OneLineParser(prog=PROG, allow_abbrev=False, description=(
         "Score an exported checkpoint on RecordIO shards (top-1, top-5, cross-entropy, img/s), predict images or "
-        "benchmark it. Without a command: score (`%(prog)s --model-prefix P --epoch N --rec VAL`). A command's "
-        "flags: `%(prog)s COMMAND -h`."))
+        "benchmark it. Without a command: score (`%(prog)s --model-prefix P --epoch N|best|last --rec VAL`). A "
+        "command's flags: `%(prog)s COMMAND -h`."))
     commands = parser.add_commands()
     p = commands.add_parser("score", allow_abbrev=False, help="top-1, top-5, cross-entropy and img/s on shards "
                                                              "(the default command)")
