@@ -66,7 +66,7 @@ def _export(model: str, size: int, folder: str) -> str:
     prefix = os.path.join(folder, model)
     net.export(prefix, 0)
     Preprocess(input_size=size).write(prefix)
-    export_onnx(prefix, 0, prefix + ".onnx", dynamic_batch=True)
+    export_onnx(prefix, 0, prefix + ".onnx")  # a free batch dimension
     return prefix
 
 

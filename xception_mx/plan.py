@@ -32,7 +32,7 @@ from .records import (
     read_classes,
     refuse_image_folder,
 )
-from .runfolder import RunFolder, prefixes_in
+from .runfolder import CLASSES_FILE, RunFolder, prefixes_in
 
 __all__ = ["RunPlan", "ResumePoint", "Shards", "plan_run", "SCHEDULE_KEYS", "FIXED_ON_RESUME",
            "DISTRIBUTED_KV_STORES", "wants_serial_engine", "channel_multiple"]
@@ -60,6 +60,13 @@ class ResumePoint:
 class Shards:
     train: list[str]
     val: list[str]
+
+    @property
+    def classes_file(self) -> str | None:
+        """The data's class table: the ``classes.txt`` beside the first training shard (``im2rec-tools`` writes it
+        there), None when there is none. Read for ``num_classes`` here and kept in the run folder by the writer."""
+        path = os.path.join(os.path.dirname(self.train[0]), CLASSES_FILE) if self.train else ""
+        return path if os.path.isfile(path) else None
 
 
 @dataclass(frozen=True)
@@ -238,8 +245,8 @@ def _classes(config: RunConfig, shards: Shards, scan: RecordScan, infer: bool) -
     if not infer:
         return config, (f"num_classes {config.num_classes} as given, but the labels seen are 0..{seen - 1}: "
                         f"{config.num_classes - seen} classes no image trains" if seen < config.num_classes else None)
-    classes_file = os.path.join(os.path.dirname(shards.train[0]), "classes.txt")
-    if os.path.isfile(classes_file):
+    classes_file = shards.classes_file
+    if classes_file:
         count, source = len(read_classes(classes_file)), classes_file
         if seen > count:
             raise UserError(f"{classes_file} names {count} classes but the shards hold label {seen - 1}: give the "

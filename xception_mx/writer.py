@@ -40,7 +40,7 @@ from .padding import canonical_export
 from .plan import RunPlan
 from .protocol import Preprocess
 from .records import read_classes
-from .runfolder import CLASSES_FILE, write_classes
+from .runfolder import write_classes
 
 __all__ = ["TrainState", "NullWriter", "RunWriter", "make_writer"]
 
@@ -142,11 +142,10 @@ class RunWriter(NullWriter):
                                resumed_at=resumed_updates if self.plan.resume is not None else None)
 
     def _keep_classes(self) -> None:
-        """The training data's classes.txt (beside the training shards, where ``plan`` finds it) copied into the
+        """The training data's classes.txt (``Shards.classes_file``, what the plan read) copied into the
         folder, for ``xception-score`` and ``xception-deploy``; a resumed run keeps the copy it has."""
-        folder, shards = self.folder, self.plan.shards.train
-        source = os.path.join(os.path.dirname(shards[0]), CLASSES_FILE) if shards else None
-        if not source or not os.path.isfile(source) or (self.plan.resume and os.path.isfile(folder.classes)):
+        folder, source = self.folder, self.plan.shards.classes_file
+        if not source or (self.plan.resume and os.path.isfile(folder.classes)):
             return
         names = read_classes(source)
         if len(names) != self.config.num_classes:
