@@ -1,6 +1,6 @@
 """Aligned Xception (DeepLab v3+, Chen et al. 2018): xception41, xception65, xception71, as block tables.
 
-A variant is data (its table is in ``registry.ALIGNED_CONFIGS``): its entry-flow blocks (width, stride) and its
+A variant is data (its table is in ``variants.ALIGNED_CONFIGS``): its entry-flow blocks (width, stride) and its
 middle-flow repeat count; the exit flow is shared. One builder turns a table into a network. What differs from the
 paper's Xception: every separable conv has BatchNorm between its depthwise and pointwise convs, strided separable
 convs replace the max pools, every 3x3 conv is padded by 1 (the stem too), and the last block has no shortcut and a
@@ -40,7 +40,7 @@ MIDDLE_WIDTH = 728
 
 def block_table(entry, middle: int) -> list[BlockSpec]:
     """Entry blocks (width, stride), ``middle`` blocks of 728, then the exit flow (the registered variants' tables:
-    ``registry.ALIGNED_CONFIGS``)."""
+    ``variants.ALIGNED_CONFIGS``)."""
     blocks = [BlockSpec((w, w, w), s) for w, s in entry]
     blocks += [BlockSpec((MIDDLE_WIDTH,) * 3) for _ in range(middle)]
     return blocks + list(EXIT_FLOW)
@@ -146,7 +146,7 @@ class _AlignedFeatures(nn.HybridBlock):
 class XceptionAligned(Padded, nn.HybridBlock):
     """An aligned Xception classifier: ``features`` (to the pooled 2048-vector), dropout, ``fc``.
 
-    Built from a block table (:func:`block_table`); the registered names are in ``registry.ALIGNED_CONFIGS``.
+    Built from a block table (:func:`block_table`); the registered names are in ``variants.ALIGNED_CONFIGS``.
     ``channel_multiple=N`` computes with widths rounded up to a multiple of N (:mod:`xception_mx.padding`).
     """
 

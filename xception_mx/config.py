@@ -8,7 +8,6 @@ Unknown keys, wrong types and impossible values raise :class:`UserError` with on
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import os
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ import yaml
 from .console import OneLineParser, closest, did_you_mean
 from .errors import UserError
 from .fileio import atomic_write_text
+from .variants import model_names
 
 __all__ = ["RunConfig", "Option", "SCHEMA", "load_yaml", "resolve", "build_parser", "dump_yaml",
            "parse_device_list", "upgrade_saved"]
@@ -61,18 +61,6 @@ def option(default: Any, help: str, *, choices: Sequence[str] | None = None,
                                             "group": group, "metavar": metavar})
 
 
-def registered_models() -> list[str]:
-    """``registry.list_models()``, read from ``registry.py``'s tables without importing it (that loads MXNet, and the
-    trainer parses before MXNet loads); a test keeps the two equal."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "registry.py")
-    with open(path, encoding="utf-8") as f:
-        tree = ast.parse(f.read())
-    tables = {node.target.id: [ast.literal_eval(key) for key in node.value.keys if key is not None]
-              for node in tree.body if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-              and isinstance(node.value, ast.Dict)}
-    return sorted(tables["MODEL_CONFIGS"]) + sorted(tables["ALIGNED_CONFIGS"])
-
-
 @dataclass(frozen=True)
 class RunConfig:
     """A run's resolved configuration (every key, checked). Built by :func:`resolve`, never changed afterwards:
@@ -104,7 +92,7 @@ class RunConfig:
     label_smoothing: float = option(0.0, "label smoothing epsilon", check=_fraction)
     mixup: float = option(0.0, "mixup alpha (0 = off)", check=_non_negative)
     dropout: float = option(0.5, "dropout before the classifier (0 disables)", check=_fraction)
-    model: str = option("xception", "registered model (xception_mx.list_models())", choices=registered_models(),
+    model: str = option("xception", "registered model (xception_mx.list_models())", choices=model_names(),
         group="model")
     filter_list: tuple[int, ...] | None = option(None, "7 widths overriding the model's filter list")
     bn_momentum: float = option(0.99, "BatchNorm running-statistics momentum (Keras: 0.99)", check=_fraction)

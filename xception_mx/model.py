@@ -20,6 +20,7 @@ import mxnet as mx
 from mxnet.gluon import nn
 
 from .padding import Padded, round_up
+from .variants import PAPER_FILTER_LIST
 
 __all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "KerasSameMaxPool2D",
            "PAPER_FILTER_LIST", "POOL_PADDINGS", "MIN_INPUT_SIZE", "count_parameters", "FEATURES_NAME", "stable_name",
@@ -28,9 +29,6 @@ __all__ = ["Xception", "XceptionFeatures", "SeparableConv2D", "XceptionBlock", "
 #: Keras documents 71 px as Xception's smallest input.
 MIN_INPUT_SIZE = 71
 
-#: The paper's widths (``Xception``'s default): 22,855,952 trainable parameters with 1,000 classes. The registered
-#: variants (``xception``, ``xception_slim``, the aligned ones) are in :mod:`xception_mx.registry`.
-PAPER_FILTER_LIST = (64, 128, 256, 728, 1024, 1536, 2048)
 
 # The initialisers of both families (this module's and ``aligned.py``'s), defined once here.
 #: He-normal on fan-out for convolutions, as timm's legacy_xception initialises them.

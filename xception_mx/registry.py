@@ -10,25 +10,10 @@ from mxnet.gluon import nn
 
 from .aligned import XceptionAligned, block_table
 from .errors import UserError
-from .model import PAPER_FILTER_LIST, Xception
+from .model import Xception
+from .variants import ALIGNED_CONFIGS, MODEL_CONFIGS, model_names
 
 __all__ = ["MODEL_CONFIGS", "ALIGNED_CONFIGS", "ALIGNED_OVERRIDES", "get_model", "list_models"]
-
-#: The paper's family: name -> ``Xception`` keyword arguments.
-MODEL_CONFIGS: dict[str, dict] = {
-    # The paper's network: 22,855,952 trainable parameters with 1,000 classes.
-    "xception": {"filter_list": PAPER_FILTER_LIST},
-    # Half width from block 2 on (the MXNet example's default): 6,311,180 trainable parameters with 1,000 classes.
-    "xception_slim": {"filter_list": (64, 64, 128, 364, 512, 768, 1024)},
-}
-
-#: The aligned family: name -> ``aligned.block_table`` arguments, the entry flow after the stem (width, stride) and
-#: the middle flow's repeat count.
-ALIGNED_CONFIGS: dict[str, dict] = {
-    "xception41": {"entry": ((128, 2), (256, 2), (728, 2)), "middle": 8},
-    "xception65": {"entry": ((128, 2), (256, 2), (728, 2)), "middle": 16},
-    "xception71": {"entry": ((128, 2), (256, 1), (256, 2), (728, 1), (728, 2)), "middle": 16},
-}
 
 #: What :func:`get_model` lets a caller override on an aligned variant (its widths come from its table).
 ALIGNED_OVERRIDES = frozenset({"num_classes", "dropout", "in_channels", "bn_epsilon", "bn_momentum",
@@ -36,8 +21,8 @@ ALIGNED_OVERRIDES = frozenset({"num_classes", "dropout", "in_channels", "bn_epsi
 
 
 def list_models() -> list[str]:
-    """Names accepted by :func:`get_model`: the paper's family, then the aligned one."""
-    return sorted(MODEL_CONFIGS) + sorted(ALIGNED_CONFIGS)
+    """Names accepted by :func:`get_model`: the paper's family, then the aligned one (``variants.py``)."""
+    return model_names()
 
 
 def get_model(name: str, **overrides) -> nn.HybridBlock:
@@ -51,7 +36,7 @@ def get_model(name: str, **overrides) -> nn.HybridBlock:
     if name in ALIGNED_CONFIGS:
         unknown = sorted(set(overrides) - ALIGNED_OVERRIDES)
         if unknown:
-            raise ValueError(f"{name} is configured by its block table (xception_mx.registry.ALIGNED_CONFIGS): "
+            raise ValueError(f"{name} is configured by its block table (xception_mx.variants.ALIGNED_CONFIGS): "
                              f"{unknown[0]} applies to {', '.join(sorted(MODEL_CONFIGS))} only")
         return XceptionAligned(block_table(**ALIGNED_CONFIGS[name]), name=name, **overrides)
     if name not in MODEL_CONFIGS:
