@@ -204,7 +204,7 @@ def test_softmax_head_binds_in_module_and_gives_scores_top1(digits, tmp_path):
 @pytest.mark.parametrize("case, fragment", [
     ("empty_calib", "hold no records"),
     ("no_vnni", "no VNNI instructions"),
-    ("onnx_missing_folder", "does not exist"),
+    ("onnx_out_under_a_file", "is a file, not a folder"),
     ("onnx_too_new", "pip install 'onnx>=1.14,<1.17'"),
     ("no_bf16", "lacks bfloat16 instructions"),
 ])
@@ -219,8 +219,9 @@ def test_bad_deploy_input_is_one_line_and_writes_nothing(digits, tmp_path, case,
         args = ["int8", *base, "--calib-rec", str(data / "val"), "--out", str(tmp_path / "q")]
     elif case == "no_bf16":
         args = ["bfloat16", *base, "--out", str(tmp_path / "b")]
-    elif case == "onnx_missing_folder":
-        args = ["onnx", *base, "--out", str(tmp_path / "nowhere" / "m.onnx")]
+    elif case == "onnx_out_under_a_file":
+        (tmp_path / "notes.txt").write_text("a file")
+        args = ["onnx", *base, "--out", str(tmp_path / "notes.txt" / "m.onnx")]
     else:
         args = ["onnx", *base, "--out", str(tmp_path / "m.onnx")]
     patch = {"no_vnni": "deploy._cpu_flags = lambda: {'avx2', 'avx512f'}\n",
@@ -230,7 +231,8 @@ def test_bad_deploy_input_is_one_line_and_writes_nothing(digits, tmp_path, case,
     result = run("-c", script)
     assert result.returncode != 0
     assert fragment in one_line(result)
-    assert sorted(os.listdir(tmp_path)) == (["empty.idx", "empty.rec"] if case == "empty_calib" else [])
+    before = {"empty_calib": ["empty.idx", "empty.rec"], "onnx_out_under_a_file": ["notes.txt"]}.get(case, [])
+    assert sorted(os.listdir(tmp_path)) == before
 
 
 def test_the_trainer_writes_softmax_head_exports_when_asked(colour_shards, tmp_path):

@@ -20,13 +20,13 @@ TOOLS = {".", "pip", "git", "cd", "mkdir", "cp", "ls", "cat", "export", "source"
 
 def _parsers() -> dict:
     from im2rec_tools.__main__ import build_parser as im2rec
-    from xception_mx import config, convert, deploy, launch, score_cli, summary
+    from xception_mx import config, convert, deploy_cli, launch, score_cli, summary
 
     return {"train-xception": config.build_parser, "train_xception.py": config.build_parser,
             "xception-score": score_cli.build_parser, "score.py": score_cli.build_parser,
-            "xception-deploy": deploy._parser, "xception-summary": summary._parser,
+            "xception-deploy": deploy_cli.build_parser, "xception-summary": summary._parser,
             "xception-convert": convert._parser, "im2rec-tools": im2rec,
-            "xception_mx.launch": launch.build_parser, "xception_mx.deploy": deploy._parser,
+            "xception_mx.launch": launch.build_parser, "xception_mx.deploy": deploy_cli.build_parser,
             "xception_mx.summary": summary._parser, "xception_mx.convert": convert._parser, "im2rec_tools": im2rec}
 
 
