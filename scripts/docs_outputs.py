@@ -109,17 +109,19 @@ def _relabel(folder: Path) -> None:
         rec.with_suffix(".crc").unlink(missing_ok=True)
 
 
-def error_line(result: subprocess.CompletedProcess) -> str:
-    """The last line of stderr (the one-line error), else of stdout."""
-    lines = [l for l in (result.stderr or result.stdout).splitlines() if l.strip()]
-    return lines[-1].strip() if lines else f"(no output, exit {result.returncode})"
+def error_line(result: subprocess.CompletedProcess, ws: Path) -> str:
+    """The error line (``error:``, or ``verify``'s first ``BAD:``), paths relative to the scratch folder."""
+    lines = [l.strip() for l in (result.stderr + "\n" + result.stdout).splitlines()]
+    found = [l for l in lines if " error: " in l or l.startswith("BAD")]
+    line = found[0] if found else f"(no error line, exit {result.returncode})"
+    return line.replace(f"{ws.resolve()}/", "").replace(f"{ws}/", "")
 
 
 def troubleshooting_table(ws: Path) -> str:
     rows = ["| situation | what the command prints (exit code) |", "|---|---|"]
     for situation, argv in CASES:
         result = run(argv, ws)
-        line = error_line(result).replace("|", "\\|")
+        line = error_line(result, ws).replace("|", "\\|")
         rows.append(f"| {situation}: `{' '.join(argv)}` | `{line}` ({result.returncode}) |")
     return "\n".join(rows) + "\n"
 

@@ -156,7 +156,7 @@ def test_verify_decode_counts_a_libjpeg_warning_as_damage_without_checksums(tmp_
 
 # 6 -------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("case, fragment", [
-    ("label", "has label 2, outside 0..1"),
+    ("label", "num_classes is 2, but"),
     ("empty_val", "the validation shards hold no records:"),
     ("copied_shard", "holds the same records as"),
     ("val_is_train", "is read twice"),

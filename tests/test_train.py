@@ -192,7 +192,7 @@ def test_sigterm_mid_epoch_writes_a_checkpoint_that_resumes(colour_shards, tmp_p
     ("impossible", "dropout must be in [0, 1)"),
     ("indivisible_batch", "not divisible by the 3 devices"),
     ("missing_checkpoint", "epochs that exist: none"),
-    ("label_out_of_range", "outside 0..1"),
+    ("label_out_of_range", "num_classes is 2, but"),
     ("existing_run", "already holds checkpoints (epochs 1..1): pass --resume"),
     ("corrupt_record", "record 5 (byte"),  # MXNet's reader would abort the process mid-epoch instead
 ])

@@ -148,8 +148,8 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     shards = Shards([], [])
     if check_data:
         infer = point is None and "num_classes" not in given
-        shards, scan = _find_shards(config, None if infer else config.num_classes)
-        config, note = _classes(config, shards, scan, infer)
+        shards, scan = _find_shards(config)
+        config, note = _classes(config, shards, scan, infer, resumed=point is not None)
         notes += [note] if note else []
     multiple = channel_multiple(config)
     notes.append(f"channel_multiple {config.channel_multiple}: widths computed at multiples of {multiple}")
@@ -238,10 +238,17 @@ def _check_precision(config: RunConfig) -> None:
                             "/proc/cpuinfo), where it would be slower than float32: train with --amp off")
 
 
-def _classes(config: RunConfig, shards: Shards, scan: RecordScan, infer: bool) -> tuple[RunConfig, str | None]:
+def _classes(config: RunConfig, shards: Shards, scan: RecordScan, infer: bool,
+             resumed: bool = False) -> tuple[RunConfig, str | None]:
     """``num_classes`` from the data when it was not given: the ``classes.txt`` beside the training shards, else
-    the labels the start-up check saw; a given value above what the labels use is said in the log."""
+    the labels the start-up check saw; a given value above what the labels use is said in the log, one below them
+    refused in one line."""
     seen = scan.max_label + 1
+    if not infer and seen > config.num_classes:
+        fix = (f"train it on data of its {config.num_classes} classes" if resumed else
+               f"give --num-classes {seen} or more, or leave it out (the data sets it)")
+        raise UserError(f"num_classes is {config.num_classes}{' (the run being continued)' if resumed else ''}, "
+                        f"but {scan.max_label_at} has label {seen - 1}: {fix}")
     if not infer:
         return config, (f"num_classes {config.num_classes} as given, but the labels seen are 0..{seen - 1}: "
                         f"{config.num_classes - seen} classes no image trains" if seen < config.num_classes else None)
@@ -256,7 +263,7 @@ def _classes(config: RunConfig, shards: Shards, scan: RecordScan, infer: bool) -
     return dataclasses.replace(config, num_classes=count), f"num_classes {count}, from {source} (--num-classes sets it)"
 
 
-def _find_shards(config: RunConfig, num_classes: int | None) -> tuple[Shards, RecordScan]:
+def _find_shards(config: RunConfig) -> tuple[Shards, RecordScan]:
     def spec(kind: str) -> str:
         rec = config.train_rec if kind == "train" else config.val_rec
         if rec:
@@ -273,7 +280,7 @@ def _find_shards(config: RunConfig, num_classes: int | None) -> tuple[Shards, Re
         raise UserError(f"the validation shards hold no records: {', '.join(shards.val)}; pack some images into "
                         f"them or give other --val-rec shards")
     start, every = time.time(), shards.train + shards.val
-    scan = check_records(every, num_classes)
+    scan = check_records(every)  # labels against num_classes: _classes
     unverifiable = check_checksums(every, verify=config.verify_checksums)
     check_duplicates(every)
     log.info("checked the headers, labels and image headers of %d records in %d shards%s (%.1fs)", scan.records,

@@ -168,7 +168,9 @@ def _record_problem(f, offset: int, size: int, num_classes: int | None) -> tuple
     if len(payload) < IR_HEADER.size:
         return "is too short to hold a label and an image", -1
     flag, label = IR_HEADER.unpack_from(payload)[:2]
-    if flag == 0 and num_classes is not None and not (0 <= label < num_classes and label == int(label)):
+    if flag == 0 and not (label >= 0 and label == int(label)):
+        return f"has label {label:g}, which is no class number (0, 1, 2, ...)", -1
+    if flag == 0 and num_classes is not None and label >= num_classes:
         return f"has label {label:g}, outside 0..{num_classes - 1} (check classes.txt and --num-classes)", -1
     seen = int(label) if flag == 0 and label >= 0 and label == int(label) else -1
     if lrec >> 29:  # a record split into parts (its payload holds the magic number): not parsed here
