@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from xception_mx.console import OneLineParser, command_line, run_command, sibling_name
+from xception_mx.console import OneLineParser, command_line, run_command
 from xception_mx.errors import UserError
 
 #: The module form; ``im2rec-tools`` when run as the installed script (``console.program_name``).
@@ -210,7 +210,7 @@ def _run_build(args) -> int:
     if not ok:
         return 1
     run = os.path.join("runs", os.path.basename(os.path.normpath(args.out_dir)))
-    command = command_line(sibling_name("train_xception.py"), "--data-dir", args.out_dir, "--model", "xception",
+    command = command_line("train_xception.py", "--data-dir", args.out_dir, "--model", "xception",
                            "--output-dir", run)
     print(f"build: done; train on these shards with:\n  {command}")
     return 0

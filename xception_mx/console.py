@@ -43,9 +43,12 @@ def program_name(prog: str) -> str:
 
 
 def command_line(prog: str, *args: object) -> str:
-    """A command to paste into a shell: :func:`program_name` of ``prog`` and ``args``, each quoted
+    """A command to paste into a shell: ``prog`` (a form in :data:`CONSOLE_SCRIPTS`, a sub-command may follow) as
+    the user would type it, this program or another of ours (:func:`sibling_name`), and ``args``, each quoted
     (``shlex.join``: a folder named ``my run é (v1)`` survives)."""
-    return " ".join([program_name(prog), shlex.join(map(str, args))]).rstrip()
+    form = next((f for f in CONSOLE_SCRIPTS if prog == f or prog.startswith(f + " ")), None)
+    name = sibling_name(form) + prog[len(form):] if form else prog
+    return " ".join([name, shlex.join(map(str, args))]).rstrip()
 
 
 def sibling_name(form: str) -> str:
@@ -201,7 +204,9 @@ def run_cli(prog: str, body: Callable[[], int | None], interrupted_hint: str = "
 
 
 def setup_logging(verbose: bool = False) -> None:
-    """``HH:MM:SS message`` lines on stdout for the ``xception_mx`` loggers."""
+    """``HH:MM:SS message`` lines on stdout for the ``xception_mx`` loggers; MXNet's "Subgraph backend MKLDNN is
+    activated" line (``MXNET_SUBGRAPH_VERBOSE``, read at each graph build) off unless the user set it."""
+    os.environ.setdefault("MXNET_SUBGRAPH_VERBOSE", "0")
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     handler.addFilter(lambda record: not getattr(record, "file_only", False))  # lines a progress bar stands for

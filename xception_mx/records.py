@@ -16,7 +16,7 @@ from im2rec_tools.listing import is_image_name
 from im2rec_tools.recordfile import HEADER_BYTES, MAGIC
 from im2rec_tools.shards import duplicate_shards, lookup_shards, read_offsets
 
-from .console import command_line, sibling_name
+from .console import command_line
 from .errors import UserError
 
 __all__ = ["find_shards", "refuse_image_folder", "as_paths", "check_records", "check_checksums", "count_records",
@@ -67,7 +67,7 @@ def _holds_images(folder: str, depth: int = 1) -> bool:
 
 def _image_folder(folder: str, flag: str) -> UserError:
     out = os.path.normpath(folder) + "_shards"
-    build = command_line(sibling_name("python -m im2rec_tools"), "build", folder, out, "--val-ratio", "0.1")
+    build = command_line("python -m im2rec_tools", "build", folder, out, "--val-ratio", "0.1")
     if flag:
         return UserError(f"{flag} {folder} holds images, not RecordIO shards: run {build} and train on {out} "
                          f"({flag} {out})")
