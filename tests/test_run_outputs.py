@@ -43,6 +43,7 @@ def test_epoch_best_last_number_and_checkpoint_resolve_in_one_place(tmp_path):
     ("m", "best", None, "no best.json in"),
     ("m", "last", None, "no {tmp}/m-NNNN.params exists: check --model-prefix"),
     ("m", "newest", None, "--epoch must be best, last or a number, got 'newest'"),
+    ("m", "bset", None, "got 'bset' (did you mean best?)"),
     ("m", None, None, "needs --epoch: best, last or a number"),
     (None, None, None, "give --model-prefix PREFIX with --epoch best|last|N, or --checkpoint"),
     ("m", "3", "m-0003.params", "give either --checkpoint"),

@@ -23,7 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass
 
-from .console import command_line
+from .console import command_line, did_you_mean
 from .errors import UserError
 from .fileio import atomic_write_text
 from .manifest import Manifest
@@ -120,7 +120,8 @@ def resolve_export(prefix: str | None, epoch: str | None, checkpoint: str | None
                             f"without -NNNN.params) or train first")
         return prefix, epochs[-1]
     if not epoch.isdigit():
-        raise UserError(f"--epoch must be best, last or a number, got {epoch!r}")
+        hint = did_you_mean([epoch], ["best", "last"])
+        raise UserError(f"--epoch must be best, last or a number, got {epoch!r}{hint}")
     return prefix, int(epoch)
 
 
