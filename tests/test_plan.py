@@ -78,6 +78,18 @@ def test_model_load_epoch_alone_is_a_resume_of_that_epoch(tmp_path):
     assert p.resume.epoch == 1 and not p.retrain and p.schedule.start_epoch == 0
 
 
+def test_model_load_epoch_takes_best_and_last_from_the_run_folder(tmp_path):
+    make_run(tmp_path / "run", epochs=(1, 2, 3))
+    with pytest.raises(UserError, match=r"--model-load-epoch best: no best.json in .*: give --model-load-epoch last"):
+        plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "best", "--lr", "0.01")
+    (tmp_path / "run" / "best.json").write_text('{"epoch": 2, "val_top1": 0.9}')
+    best = plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "best", "--lr", "0.01")
+    assert best.retrain and best.resume.epoch == 2 and best.config.model_load_epoch == 2
+    assert plan("--output-dir", str(tmp_path / "run"), "--model-load-epoch", "last").resume.epoch == 3
+    with pytest.raises(UserError, match="--model-load-epoch last: .* holds no complete checkpoint"):
+        plan("--output-dir", str(tmp_path / "empty"), "--model-load-epoch", "last")
+
+
 def test_retrain_starts_a_new_schedule_on_the_saved_config(tmp_path):
     make_run(tmp_path / "run", epochs=(1, 2))
     p = plan("--output-dir", str(tmp_path / "run"), "--retrain", "--model-load-epoch", "1", "--lr", "0.007",

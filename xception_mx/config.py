@@ -156,7 +156,8 @@ class RunConfig:
         group="resume, retrain and fine-tuning")
     retrain: bool = option(False, "with model_load_epoch and lr: start from that epoch's weights and "
                                      "optimizer state with a new schedule beginning at lr")
-    model_load_epoch: int | None = option(None, "epoch to load (alone: same as --resume N)", check=_positive)
+    model_load_epoch: int | None = option(None, "epoch to load: N, best or last (alone: same as --resume N)",
+                                          check=_positive, metavar="{N,best,last}")
     pretrained: str | None = option(None, "start a fresh run from these weights, all but the classifier: a run's "
                                       "PREFIX-EEEE.state.params, or a python -m xception_mx.convert output prefix")
     freeze_features_epochs: int = option(0, "train only the classifier for the first N epochs",

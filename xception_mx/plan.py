@@ -123,8 +123,14 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     given = {**(load_yaml(config_file) if config_file else {}), **args}
+    named = given.get("model_load_epoch") if given.get("model_load_epoch") in ("best", "last") else None
+    if named:
+        given["model_load_epoch"] = 1  # a stand-in until the folder that says which epoch is known
     draft = resolve(given)
     folder = RunFolder(draft.output_dir, _prefix(draft, given))
+    if named:
+        given["model_load_epoch"] = folder.named_epoch(named, "--model-load-epoch")
+        draft = resolve(given)
     point = _resume_point(folder, draft)
     if point is None:
         config = draft

@@ -135,19 +135,20 @@ def _split_checkpoint(path: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def _best_epoch(prefix: str) -> int:
-    """The epoch ``best.json`` beside ``prefix`` names (the trainer writes it at every epoch's end)."""
-    path = beside(prefix, BEST_FILE)
+def _best_epoch(prefix: str, flag: str = "--epoch") -> int:
+    """The epoch ``best.json`` beside ``prefix`` names (the trainer writes it at every epoch's end); ``flag``: the
+    option that asked, for the error lines."""
+    path, instead = beside(prefix, BEST_FILE), f"give {flag} last or a number"
     try:
         with open(path, encoding="utf-8") as fh:
             epoch = json.load(fh).get("epoch")
     except FileNotFoundError:
-        raise UserError(f"--epoch best: no best.json in {os.path.dirname(path)} (the trainer writes it in its run "
-                        f"folder): give --epoch last or a number") from None
+        raise UserError(f"{flag} best: no best.json in {os.path.dirname(path)} (the trainer writes it in its run "
+                        f"folder): {instead}") from None
     except (OSError, ValueError, AttributeError) as exc:
-        raise UserError(f"--epoch best: {path} is unreadable ({exc}): give --epoch last or a number") from None
+        raise UserError(f"{flag} best: {path} is unreadable ({exc}): {instead}") from None
     if not isinstance(epoch, int):
-        raise UserError(f"--epoch best: {path} names no epoch yet: give --epoch last or a number")
+        raise UserError(f"{flag} best: {path} names no epoch yet: {instead}")
     return epoch
 
 
@@ -200,6 +201,15 @@ class RunFolder:
     def latest(self) -> int | None:
         epochs = self.epochs()
         return epochs[-1] if epochs else None
+
+    def named_epoch(self, name: str, flag: str) -> int:
+        """``best`` (``best.json``) or ``last`` (the newest complete checkpoint) as an epoch number."""
+        if name == "best":
+            return _best_epoch(self.path(self.prefix), flag)
+        latest = self.latest()
+        if latest is None:
+            raise UserError(f"{flag} last: {self.folder} holds no complete checkpoint (prefix {self.prefix!r})")
+        return latest
 
     def manifest(self, epoch: int) -> Manifest:
         """Epoch ``epoch``'s manifest; one line naming the epochs that exist when it is missing or unreadable."""
