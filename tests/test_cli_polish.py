@@ -212,3 +212,13 @@ def test_a_data_dir_without_images_or_shards_keeps_the_no_shards_line(tmp_path):
     (tmp_path / "data" / "notes" / "readme.txt").write_text("no images here")
     with pytest.raises(UserError, match="no shards for prefix"):
         plan_run(["--data-dir", str(tmp_path / "data"), "--output-dir", str(tmp_path / "run")], environ={})
+
+
+def test_a_closed_stdout_stops_quietly_with_exit_1():
+    """`xception-score predict FOLDER | head -2`: the reader goes away; one-line errors are for the user's mistakes,
+    so nothing is printed (as shell tools do) and the exit code is 1."""
+    code = ("import sys\nfrom xception_mx.console import run_cli\n"
+            "def body():\n    raise BrokenPipeError(32, 'Broken pipe')\n"
+            "sys.exit(run_cli('score.py', body))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (1, "")

@@ -156,10 +156,15 @@ def test_the_run_folder_keeps_classes_txt_and_scoring_names_the_classes(run, tmp
     assert f"export {out}/xception_slim-{best:04d}.params (--epoch best)" in result.stdout
     scored = json.loads(report.read_text())
     assert scored["epoch"] == best and [row["name"] for row in scored["per_class"]] == NAMES
-    image = _png(tmp_path)
+    image = _png(tmp_path / "pictures" / "a")
     predicted = score_cli("predict", "--checkpoint", out / "xception_slim-0002.params", image)
     assert predicted.returncode == 0, predicted.stderr
     assert re.search(rf"{image}: (red|green|blue|white) 0\.\d+", predicted.stdout), predicted.stdout
+    folder = score_cli("predict", "--checkpoint", out / "xception_slim-0002.params", tmp_path / "pictures")
+    assert folder.returncode == 0 and re.search(rf"{image}: (red|green|blue|white) 0\.\d+", folder.stdout)
+    (tmp_path / "empty").mkdir()
+    empty = score_cli("predict", "--checkpoint", out / "xception_slim-0002.params", tmp_path / "empty")
+    assert empty.returncode == 2 and one_line(empty).endswith("a folder with no images (.jpg, .jpeg, .png, .bmp) in it")
     last = score_cli("benchmark", "--model-prefix", out / "xception_slim", "--epoch", "last", "--repeats", 1,
                      "--warmup", 0, "--batch-size", 2)
     assert last.returncode == 0 and "xception_slim-0002.params (--epoch last)" in last.stdout
@@ -168,6 +173,7 @@ def test_the_run_folder_keeps_classes_txt_and_scoring_names_the_classes(run, tmp
 def _png(folder):
     import cv2
 
+    folder.mkdir(parents=True, exist_ok=True)
     path = str(folder / "red.png")
     cv2.imwrite(path, np.full((80, 80, 3), (40, 40, 220), np.uint8))  # BGR
     return path

@@ -161,10 +161,30 @@ def _load_image(path: str, data_shape, pre: Preprocess) -> mx.nd.NDArray:
     return img.transpose((2, 0, 1)).expand_dims(0)
 
 
+def image_files(paths: list[str]) -> list[str]:
+    """``paths`` with each folder replaced by the images below it (any depth, sorted; the extensions
+    ``im2rec-tools`` packs). A folder without images is one line."""
+    from im2rec_tools.listing import is_image_name
+
+    files = []
+    for path in paths:
+        if not os.path.isdir(path):
+            files.append(path)
+            continue
+        found = sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names
+                       if is_image_name(name))
+        if not found:
+            raise UserError(f"{path} is a folder with no images (.jpg, .jpeg, .png, .bmp) in it")
+        files += found
+    return files
+
+
 def predict(prefix: str, epoch: int, images: list[str], ctx: mx.Context, data_shape, pre: Preprocess,
             classes: str | None = None, top_k: int = 5,
             speedups: Speedups = Speedups()) -> list[dict]:  # noqa: B008 (frozen)
-    """Each image's top-k classes with softmax probabilities, under the validation protocol."""
+    """Each image's top-k classes with softmax probabilities, under the validation protocol; a folder stands for
+    the images in it (:func:`image_files`)."""
+    images = image_files(images)
     loaded = ready(prefix, epoch, [ctx], data_shape, speedups)
     net, num_classes = loaded.net, loaded.num_classes
     names = class_names(prefix, classes, num_classes)

@@ -49,7 +49,7 @@ def build_parser() -> OneLineParser:
                                                                "protocol")
     _export_flags(p)
     _protocol_flags(p)
-    p.add_argument("images", nargs="+", help="image files")
+    p.add_argument("images", nargs="+", help="image files, or folders of them (any depth)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--json", help="also write the predictions here")
     p.set_defaults(func=_run_predict)
