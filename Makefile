@@ -15,6 +15,9 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else "xception_mx needs Python 3.11 (mxnet 1.9.1 wheels): run make PYTHON=python3.11")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 'setuptools<70' wheel
+	@# a venv made before OpenCV became one build holds two sharing cv2/: remove both, the next line installs one
+	if $(BIN)/python -m pip show -q opencv-python-headless 2>/dev/null; then \
+	    $(BIN)/python -m pip uninstall -q -y opencv-python-headless opencv-python; fi
 	$(BIN)/python -m pip install -q -e '.[cpu,test,demo,onnx,tensorboard]'
 	touch $@
 
