@@ -31,7 +31,7 @@ lint: venv
 # The whole suite, lint first: a lint failure stops it before the Horovod build and the parity venv.
 test: venv
 	@echo "make test: lint, then Horovod built against MXNet (~4 min, once), the reference venv with torch, timm and"
-	@echo "Keras (~2.5 min and 5.6 GB, once), then every test (~14 min on 2 cores). make test-fast: ~2 min."
+	@echo "Keras (~2.5 min and 5.6 GB, once), then every test (~16 min on 2 cores). make test-fast: ~2 min."
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory ref-venv
 	bash scripts/install_horovod.sh $(BIN)/python

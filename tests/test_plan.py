@@ -88,6 +88,8 @@ def test_model_load_epoch_takes_best_and_last_from_the_run_folder(tmp_path):
     assert plan("--output-dir", str(tmp_path / "run"), "--model-load-epoch", "last").resume.epoch == 3
     with pytest.raises(UserError, match="--model-load-epoch last: .* holds no complete checkpoint"):
         plan("--output-dir", str(tmp_path / "empty"), "--model-load-epoch", "last")
+    with pytest.raises(UserError, match=r"a number, best or last, got 'bset' \(did you mean best\?\)"):
+        plan("--output-dir", str(tmp_path / "run"), "--model-load-epoch", "bset")
 
 
 def test_retrain_starts_a_new_schedule_on_the_saved_config(tmp_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from .board import check_available
 from .config import RunConfig, build_parser, load_yaml, resolve, upgrade_saved
-from .console import command_line
+from .console import command_line, did_you_mean
 from .cpuinfo import auto_channel_multiple, cpu_flags
 from .errors import UserError
 from .manifest import Manifest, ScheduleOrigin
@@ -123,7 +123,7 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     args = vars(build_parser().parse_args(argv))
     config_file = args.pop("config", None)
     given = {**(load_yaml(config_file) if config_file else {}), **args}
-    named = given.get("model_load_epoch") if given.get("model_load_epoch") in ("best", "last") else None
+    named = _named_load_epoch(given.get("model_load_epoch"))
     if named:
         given["model_load_epoch"] = 1  # a stand-in until the folder that says which epoch is known
     draft = resolve(given)
@@ -161,6 +161,17 @@ def plan_run(argv: list[str] | None = None, environ: Mapping[str, str] | None = 
     notes.append(f"channel_multiple {config.channel_multiple}: widths computed at multiples of {multiple}")
     return RunPlan(config, folder, point, bool(config.retrain), schedule, choose_engine(config, environ), shards,
                    multiple, notes)
+
+
+def _named_load_epoch(value) -> str | None:
+    """``best`` or ``last`` given as ``--model-load-epoch`` (resolved once the run folder is known), else None; a
+    word that is neither is one line with the closest."""
+    if not isinstance(value, str) or value.strip().isdigit():
+        return None
+    if value in ("best", "last"):
+        return value
+    raise UserError(f"--model-load-epoch must be a number, best or last, got {value!r}"
+                    f"{did_you_mean([value], ['best', 'last'])}")
 
 
 def _prefix(draft: RunConfig, given: dict) -> str:
